@@ -1,0 +1,210 @@
+"""User-mode memory accesses on the real kernel that survive SIGBUS and SIGSEGV.
+
+A fault handler test must make *user-mode* accesses in *this* process: a
+page registered with a uffd blocks the accessing thread until resolved, or
+(UFFD_FEATURE_SIGBUS, a poisoned page, PROT_NONE) ends in a signal. CPython
+cannot survive a synchronous SIGBUS/SIGSEGV, and a kernel access such as
+``process_vm_readv`` has other semantics (EFAULT, "kernel" faults). So the
+access loop lives in a small C library, ``_access.c``, compiled on first use
+with the system C compiler into a per-user cache directory and loaded with
+ctypes. It runs the loop under ``sigsetjmp`` and reports the signal. ctypes
+releases the GIL during the call, so an access that blocks on a userfault
+blocks only its thread.
+
+The same library forks children that run a fixed list of accesses
+(:func:`fork_child`) without returning to Python (see the C file for why the
+fork is a raw clone).
+
+If no compiler is available, :func:`load` raises :class:`HelperUnavailable`;
+tests skip with that reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import attrs
+
+_SOURCE = Path(__file__).with_name("_access.c")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+CHILD_PEEK = 0
+CHILD_TOUCH_READ = 1
+CHILD_TOUCH_WRITE = 2
+CHILD_WAIT = 3
+
+
+class HelperUnavailable(RuntimeError):
+    """The C access helper could not be built (no compiler, no source)."""
+
+
+class _ChildOp(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("value", ctypes.c_int32),
+        ("addr", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+    ]
+
+
+class _ChildRec(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint32), ("kind", ctypes.c_uint32), ("datalen", ctypes.c_uint64)]
+
+
+def _build(cache: Path) -> Path:
+    src = _SOURCE.read_bytes()
+    digest = hashlib.sha256(src).hexdigest()[:16]
+    out = cache / f"libvmemu_access-{digest}.so"
+    if out.exists():
+        return out
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise HelperUnavailable("no C compiler (gcc/cc) to build vmemu/native/_access.c")
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    cmd = [cc, "-O1", "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lpthread"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise HelperUnavailable(f"building {_SOURCE.name} failed: {res.stderr.strip()}")
+    os.replace(tmp, out)
+    return out
+
+
+def load() -> ctypes.CDLL:
+    """Build (once, cached by source hash) and load the helper library."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            if not _SOURCE.exists():
+                raise HelperUnavailable(f"{_SOURCE} is missing")
+            cache = Path(
+                os.environ.get("VMEMU_NATIVE_CACHE")
+                or Path(tempfile.gettempdir()) / f"vmemu-native-{os.getuid()}"
+            )
+            lib = ctypes.CDLL(str(_build(cache)), use_errno=True)
+            lib.vmemu_access.restype = ctypes.c_int
+            lib.vmemu_access.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_size_t),
+                ctypes.POINTER(ctypes.c_int),
+                ctypes.POINTER(ctypes.c_int),
+                ctypes.POINTER(ctypes.c_void_p),
+            ]
+            lib.vmemu_fork.restype = ctypes.c_long
+            lib.vmemu_fork.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_int),
+            ]
+            _lib = lib
+        return _lib
+
+
+@attrs.frozen
+class AccessResult:
+    """Outcome of a user-mode access: bytes ``done`` and, if it ended in a
+    signal, ``signo``/``si_code``/``si_addr`` (``force_sig_fault``); ``data`` for reads."""
+
+    done: int
+    data: bytes | None = None
+    signo: int = 0
+    si_code: int = 0
+    si_addr: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when every byte was accessed."""
+        return self.signo == 0
+
+
+def user_access(
+    addr: int, length: int, write: bytes | None = None, want_data: bool = False
+) -> AccessResult:
+    """Access ``[addr, addr+length)`` from user mode, one byte at a time upward.
+
+    ``write``: bytes to store (its length must be ``length``); else read, and
+    return the bytes read when ``want_data``. A userfault blocks the calling
+    thread; a signal stops the access and is reported, not delivered.
+    """
+    lib = load()
+    done = ctypes.c_size_t()
+    signo = ctypes.c_int()
+    code = ctypes.c_int()
+    si_addr = ctypes.c_void_p()
+    if write is not None:
+        if len(write) != length:
+            raise ValueError("write buffer length differs from length")
+        buf = ctypes.create_string_buffer(bytes(write), length)
+        ret = lib.vmemu_access(addr, length, 1, buf, done, signo, code, si_addr)
+        data = None
+    else:
+        rbuf = ctypes.create_string_buffer(length) if want_data else None
+        ret = lib.vmemu_access(addr, length, 0, rbuf, done, signo, code, si_addr)
+        data = rbuf.raw[: done.value] if rbuf is not None else None
+    if ret == 0:
+        return AccessResult(done.value, data)
+    return AccessResult(done.value, data, signo.value, code.value, si_addr.value or 0)
+
+
+@attrs.frozen
+class ChildOp:
+    """One access of a forked child's program: CHILD_PEEK/TOUCH_READ/TOUCH_WRITE/WAIT."""
+
+    kind: int
+    addr: int = 0
+    len: int = 0
+    value: int = 0
+
+
+def fork_child(ops: list[ChildOp], result_fd: int, release_fd: int) -> int:
+    """Fork; the child runs ``ops`` and exits 0 (or dies from a signal).
+
+    After each completed op the child writes a record (index, kind, datalen)
+    and, for a peek, the bytes to ``result_fd``; a WAIT op blocks on a read of
+    ``release_fd``. Every other descriptor is closed in the child. Returns the
+    child's pid. The call blocks while the kernel waits for a
+    UFFD_EVENT_FORK to be read; it releases the GIL meanwhile.
+    """
+    lib = load()
+    arr = (_ChildOp * max(1, len(ops)))()
+    for i, op in enumerate(ops):
+        arr[i] = _ChildOp(op.kind, op.value & 0xFF, op.addr, op.len)
+    err = ctypes.c_int()
+    pid = lib.vmemu_fork(arr, len(ops), result_fd, release_fd, ctypes.byref(err))
+    if pid < 0:
+        raise OSError(err.value, os.strerror(err.value))
+    return int(pid)
+
+
+def parse_child_records(buf: bytes) -> tuple[list[tuple[int, int, bytes]], int]:
+    """Split a child's result stream into ``(index, kind, data)`` records.
+
+    Returns the complete records and how many bytes they used (the rest is an
+    incomplete record still being written).
+    """
+    out: list[tuple[int, int, bytes]] = []
+    pos = 0
+    hsize = ctypes.sizeof(_ChildRec)
+    while len(buf) - pos >= hsize:
+        rec = _ChildRec.from_buffer_copy(buf[pos : pos + hsize])
+        if len(buf) - pos - hsize < rec.datalen:
+            break
+        start = pos + hsize
+        out.append((rec.index, rec.kind, bytes(buf[start : start + rec.datalen])))
+        pos = start + rec.datalen
+    return out, pos
