@@ -1,0 +1,51 @@
+"""The emulated machine: physical memory, processes and system settings.
+
+A :class:`Kernel` is what several processes share: one physical memory
+(so fork can share frames), the pid allocator and the sysctls that change
+behaviour (``vm.unprivileged_userfaultfd``, ``vm.max_map_count``,
+``vm.mmap_min_addr``...). Most users never make one explicitly:
+``Process()`` creates a private kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+from vmemu.mmu.folio import PhysMem, PhysMemStats
+
+if TYPE_CHECKING:
+    from vmemu.process import Process
+
+
+class Kernel:
+    """One emulated machine."""
+
+    def __init__(self, mem_limit_pages: int | None = None) -> None:
+        self.phys = PhysMem(limit_pages=mem_limit_pages)
+        self._pids = itertools.count(1000)
+        self.processes: dict[int, Process] = {}
+        self.sysctl: dict[str, Any] = {
+            "vm.unprivileged_userfaultfd": 0,
+            "vm.max_map_count": 65530,
+        }
+
+    def alloc_pid(self) -> int:
+        """A fresh pid (``alloc_pid``); tids share the same space, as on Linux."""
+        return next(self._pids)
+
+    def spawn(self, name: str = "main") -> Process:
+        """Create a new process with an empty address space (``execve`` of a blank image)."""
+        from vmemu.process import Process
+
+        return Process(kernel=self, name=name)
+
+    def memory_statistics(self) -> PhysMemStats:
+        """Frame usage of the whole machine."""
+        return self.phys.statistics()
+
+    def check(self) -> None:
+        """Check the invariants of every address space on this machine."""
+        from vmemu.mmu.check import check_phys
+
+        check_phys(self.phys, list(self.phys.mms))

@@ -1,0 +1,233 @@
+"""Physical memory: page frames, folios, the zero page and a memory limit.
+
+Mirrors the parts of ``include/linux/mm_types.h`` (``struct folio``) and
+``mm/page_alloc.c`` that user-visible behaviour depends on. Physical memory
+is lazy: a frame exists only once something allocates it, so an emulated
+terabyte mapping costs nothing until touched. ``mem_map`` is indexed by
+page frame number like the kernel's; page-table pages live there too.
+
+A folio of order *n* covers ``2**n`` consecutive frames and owns one
+``bytearray`` holding its data. Counting follows the kernel:
+
+* ``refcount`` - every reference: each mapping PTE/PMD, the page cache,
+  the swap cache, pins (``folio_ref_count``).
+* ``mapcount`` - how many page-table entries map the folio
+  (``folio_mapcount``); ``entire_mapcount`` counts PMD mappings of a
+  large folio.
+
+The shared zero page is special: mapped read-only by anonymous read
+faults, never counted (``vm_normal_page`` returns NULL for it).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+from vmemu.constants import PAGE_SIZE
+
+FIRST_PFN = 0x100  # frames below are "firmware"; pfn 0 never maps anything
+
+
+class PG(enum.IntFlag):
+    """Folio flags (``enum pageflags`` in ``include/linux/page-flags.h``)."""
+
+    NONE = 0
+    locked = 1 << 0
+    referenced = 1 << 1
+    uptodate = 1 << 2
+    dirty = 1 << 3
+    lru = 1 << 4
+    active = 1 << 5
+    swapbacked = 1 << 6
+    swapcache = 1 << 7
+    hwpoison = 1 << 8
+    anon = 1 << 9
+    anon_exclusive = 1 << 10
+    mlocked = 1 << 11
+    zero = 1 << 12
+    large = 1 << 13
+    hugetlb = 1 << 14
+
+
+@attrs.define(eq=False, slots=True, repr=False)
+class Folio:
+    """A power-of-two group of physically contiguous frames (``struct folio``)."""
+
+    pfn: int
+    order: int
+    data: bytearray
+    flags: int = 0
+    refcount: int = 0
+    mapcount: int = 0
+    entire_mapcount: int = 0
+    mapping: Any = None
+    index: int = 0
+    private: Any = None
+
+    @property
+    def nr_pages(self) -> int:
+        """Frames in the folio (``folio_nr_pages``)."""
+        return 1 << self.order
+
+    def test(self, flag: PG) -> bool:
+        """True when ``flag`` is set (``folio_test_*``)."""
+        return bool(self.flags & flag)
+
+    def set(self, flag: PG) -> None:
+        """Set ``flag`` (``folio_set_*``)."""
+        self.flags |= flag
+
+    def clear(self, flag: PG) -> None:
+        """Clear ``flag`` (``folio_clear_*``)."""
+        self.flags &= ~flag
+
+    def page_buffer(self, pfn: int) -> memoryview | bytearray:
+        """The 4 KiB of data for frame ``pfn`` of this folio."""
+        if self.order == 0:
+            return self.data
+        off = (pfn - self.pfn) * PAGE_SIZE
+        return memoryview(self.data)[off:off + PAGE_SIZE]
+
+    def __repr__(self) -> str:
+        names = [f.name for f in PG if f and self.flags & f]
+        return (f"Folio(pfn={self.pfn:#x}, order={self.order}, ref={self.refcount}, "
+                f"map={self.mapcount}, flags={'|'.join(n for n in names if n)})")
+
+
+@attrs.frozen
+class PhysMemStats:
+    """A snapshot of physical memory use."""
+
+    folios: int
+    pages_in_use: int
+    page_tables: int
+    limit_pages: int | None
+    oom_failures: int
+
+
+class PhysMem:
+    """The machine's physical memory: a lazily grown ``mem_map`` of frames.
+
+    ``alloc_folio`` mirrors ``folio_alloc``: it returns ``None`` when the
+    configured limit is reached (after asking the reclaim hook to free
+    something), and the fault path turns that into ``VM_FAULT_OOM``. It
+    never raises ``MemoryError``.
+    """
+
+    def __init__(self, limit_pages: int | None = None) -> None:
+        self.mem_map: list[Any] = [None] * FIRST_PFN
+        self._free: dict[int, list[int]] = {}
+        self.limit_pages = limit_pages
+        self.pages_in_use = 0
+        self.page_tables = 0
+        self.nr_folios = 0
+        self.oom_failures = 0
+        self.reclaim_hook: Any = None
+        self.mms: list[Any] = []  # live address spaces, for check() and rmap
+        zero = Folio(pfn=self._take_pfns(0), order=0, data=bytearray(PAGE_SIZE),
+                     flags=PG.zero | PG.uptodate | PG.locked)
+        self.mem_map[zero.pfn] = zero
+        self.zero_folio = zero
+        self.zero_pfn = zero.pfn
+        self.zero_data = bytes(PAGE_SIZE)
+
+    def _take_pfns(self, order: int) -> int:
+        free = self._free.get(order)
+        if free:
+            return free.pop()
+        n = 1 << order
+        start = len(self.mem_map)
+        start = (start + n - 1) & ~(n - 1)  # natural alignment, as the buddy allocator gives
+        pad = start - len(self.mem_map)
+        if pad:
+            self.mem_map.extend([None] * pad)
+        self.mem_map.extend([None] * n)
+        return start
+
+    def alloc_folio(self, order: int = 0, zero: bool = True) -> Folio | None:
+        """Allocate a folio of ``2**order`` frames with refcount 1, or None at the limit."""
+        n = 1 << order
+        if self.limit_pages is not None and self.pages_in_use + n > self.limit_pages:
+            if self.reclaim_hook is not None:
+                self.reclaim_hook(self.pages_in_use + n - self.limit_pages)
+            if self.pages_in_use + n > self.limit_pages:
+                self.oom_failures += 1
+                return None
+        pfn = self._take_pfns(order)
+        folio = Folio(pfn=pfn, order=order, data=bytearray(n * PAGE_SIZE), refcount=1)
+        if order:
+            folio.flags = PG.large
+            self.mem_map[pfn:pfn + n] = [folio] * n
+        else:
+            self.mem_map[pfn] = folio
+        self.pages_in_use += n
+        self.nr_folios += 1
+        return folio
+
+    def free_folio(self, folio: Folio) -> None:
+        """Return a folio's frames to the allocator (``free_unref_folios``)."""
+        n = folio.nr_pages
+        if folio.refcount != 0 or folio.mapcount != 0:
+            raise AssertionError(f"freeing a referenced folio: {folio!r}")
+        self.mem_map[folio.pfn:folio.pfn + n] = [None] * n
+        self._free.setdefault(folio.order, []).append(folio.pfn)
+        self.pages_in_use -= n
+        self.nr_folios -= 1
+
+    def folio_put(self, folio: Folio, nr: int = 1) -> None:
+        """Drop ``nr`` references; free the folio at zero (``folio_put_refs``)."""
+        folio.refcount -= nr
+        if folio.refcount == 0:
+            self.free_folio(folio)
+        elif folio.refcount < 0:
+            raise AssertionError(f"refcount underflow: {folio!r}")
+
+    def alloc_table(self) -> tuple[int, list[int]]:
+        """Allocate a zeroed page-table page (``pte_alloc_one``); returns (pfn, entries)."""
+        pfn = self._take_pfns(0)
+        table = [0] * 512
+        self.mem_map[pfn] = table
+        self.page_tables += 1
+        return pfn, table
+
+    def free_table(self, pfn: int) -> None:
+        """Free a page-table page (``pte_free``)."""
+        self.mem_map[pfn] = None
+        self._free.setdefault(0, []).append(pfn)
+        self.page_tables -= 1
+
+    def pfn_to_folio(self, pfn: int) -> Folio:
+        """The folio containing frame ``pfn`` (``pfn_folio``)."""
+        obj = self.mem_map[pfn]
+        if not isinstance(obj, Folio):
+            raise AssertionError(f"pfn {pfn:#x} is not a folio frame")
+        return obj
+
+    def extra_refs(self, folio: Folio) -> int:
+        """References besides page-table mappings: page cache, swap cache (for ``check()``)."""
+        n = 0
+        mapping = folio.mapping
+        if mapping is not None and getattr(mapping, "pages", None) is not None and \
+                mapping.pages.get(folio.index) is folio:
+            n += 1
+        if folio.flags & PG.swapcache:
+            n += 1
+        return n
+
+    def statistics(self) -> PhysMemStats:
+        """A frozen snapshot of frame usage."""
+        return PhysMemStats(self.nr_folios, self.pages_in_use, self.page_tables,
+                            self.limit_pages, self.oom_failures)
+
+    def live_folios(self) -> list[Folio]:
+        """Every allocated folio except the zero page, for ``mm.check()``."""
+        seen: list[Folio] = []
+        last = None
+        for obj in self.mem_map:
+            if isinstance(obj, Folio) and obj is not last and obj is not self.zero_folio:
+                seen.append(obj)
+                last = obj
+        return seen

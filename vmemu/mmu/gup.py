@@ -1,0 +1,84 @@
+"""Faulting pages in on the kernel's behalf: MAP_POPULATE and MADV_POPULATE_*.
+
+Mirrors ``populate_vma_page_range`` / ``faultin_page_range`` in
+``mm/gup.c``: each page is faulted exactly as a user access would be, but
+the access check returns an errno instead of a signal, and the fault is a
+kernel fault (no ``FAULT_FLAG_USER``), which matters to userfaultfd's
+``UFFD_USER_MODE_ONLY``.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from vmemu.constants import PAGE_SHIFT, PAGE_SIZE
+from vmemu.errors import VmFault, raise_errno
+from vmemu.mmu.memory import FAULT_FLAG_WRITE, handle_mm_fault
+from vmemu.mmu.pgtable import _PAGE_PRESENT, _PAGE_RW
+from vmemu.mmu.vma import VM_ACCESS_FLAGS, VM_READ, VM_SHARED, VM_WRITE
+
+if TYPE_CHECKING:
+    from vmemu.mmu.mm import MmStruct
+
+MAX_RETRIES = 64
+
+
+def _page_ready(mm: MmStruct, addr: int, write: bool) -> bool:
+    table = mm.pgtables.pte_table(addr, False)
+    if table is None:
+        return False
+    pte = table[(addr >> PAGE_SHIFT) & 511]
+    return bool(pte & _PAGE_PRESENT) and (not write or bool(pte & _PAGE_RW))
+
+
+def faultin_page(mm: MmStruct, addr: int, write: bool, task: Any = None) -> None:
+    """Make one page present (and writable) or raise the errno GUP reports."""
+    for _ in range(MAX_RETRIES):
+        if _page_ready(mm, addr, write):
+            return
+        vma = mm.vmas.vma_lookup(addr)
+        if vma is None:
+            raise_errno(errno.ENOMEM)
+        if write and not vma.vm_flags & VM_WRITE or not write and not vma.vm_flags & VM_READ:
+            raise_errno(errno.EFAULT)  # check_vma_flags
+        fault = handle_mm_fault(mm, vma, addr, FAULT_FLAG_WRITE if write else 0, task)
+        if fault & VmFault.OOM:
+            raise_errno(errno.ENOMEM)
+        if fault & VmFault.HWPOISON:
+            raise_errno(errno.EHWPOISON)
+        if fault & (VmFault.SIGBUS | VmFault.SIGSEGV):
+            raise_errno(errno.EFAULT)
+    raise AssertionError(f"populate of {addr:#x} did not converge")
+
+
+def populate(mm: MmStruct, start: int, end: int, write: bool | None = None,
+             ignore_errors: bool = False, task: Any = None) -> None:
+    """Fault in ``[start, end)``; ``write=None`` picks per VMA as ``mm_populate`` does."""
+    with mm.lock:
+        addr = start
+        while addr < end:
+            vma = mm.vmas.vma_lookup(addr)
+            if vma is None:
+                if ignore_errors:
+                    nxt = mm.vmas.find_vma(addr)
+                    if nxt is None:
+                        return
+                    addr = nxt.vm_start
+                    continue
+                raise_errno(errno.ENOMEM)
+            stop = min(end, vma.vm_end)
+            if ignore_errors and not vma.vm_flags & VM_ACCESS_FLAGS:
+                addr = stop
+                continue
+            w = write
+            if w is None:
+                w = (vma.vm_flags & (VM_WRITE | VM_SHARED)) == VM_WRITE
+            try:
+                while addr < stop:
+                    faultin_page(mm, addr, w, task)
+                    addr += PAGE_SIZE
+            except OSError:
+                if not ignore_errors:
+                    raise
+                return

@@ -1,0 +1,172 @@
+"""madvise: advice that changes flags or contents of a range (``mm/madvise.c``).
+
+The range is checked first (alignment, length, known advice: EINVAL); then
+each VMA in it gets the advice. Holes do not stop the walk: they make the
+call return ENOMEM at the end (``madvise_walk_vmas``), after the mapped
+parts were advised, exactly as the kernel does.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from vmemu.constants import (
+    MADV_COLD,
+    MADV_DODUMP,
+    MADV_DOFORK,
+    MADV_DONTDUMP,
+    MADV_DONTFORK,
+    MADV_DONTNEED,
+    MADV_DONTNEED_LOCKED,
+    MADV_FREE,
+    MADV_HUGEPAGE,
+    MADV_KEEPONFORK,
+    MADV_NOHUGEPAGE,
+    MADV_NORMAL,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    MADV_RANDOM,
+    MADV_SEQUENTIAL,
+    MADV_WILLNEED,
+    MADV_WIPEONFORK,
+    PAGE_SIZE,
+)
+from vmemu.errors import raise_errno
+from vmemu.mmu.gup import populate
+from vmemu.mmu.memory import zap_page_range
+from vmemu.mmu.mmap import page_align
+from vmemu.mmu.vma import (
+    VM_DONTCOPY,
+    VM_DONTDUMP,
+    VM_HUGEPAGE,
+    VM_HUGETLB,
+    VM_IO,
+    VM_LOCKED,
+    VM_NOHUGEPAGE,
+    VM_PFNMAP,
+    VM_RAND_READ,
+    VM_SEQ_READ,
+    VM_SHARED,
+    VM_SPECIAL,
+    VM_UFFD_WP,
+    VM_WIPEONFORK,
+    Vma,
+)
+from vmemu.mmu.vmaops import vma_modify
+
+if TYPE_CHECKING:
+    from vmemu.mmu.mm import MmStruct
+
+# advice whose handling is a vm_flags change (madvise_update_vma)
+_FLAG_ADVICE: dict[int, tuple[int, int]] = {
+    # advice: (set, clear)
+    MADV_NORMAL: (0, VM_RAND_READ | VM_SEQ_READ),
+    MADV_RANDOM: (VM_RAND_READ, VM_SEQ_READ),
+    MADV_SEQUENTIAL: (VM_SEQ_READ, VM_RAND_READ),
+    MADV_DONTFORK: (VM_DONTCOPY, 0),
+    MADV_DOFORK: (0, VM_DONTCOPY),
+    MADV_WIPEONFORK: (VM_WIPEONFORK, 0),
+    MADV_KEEPONFORK: (0, VM_WIPEONFORK),
+    MADV_DONTDUMP: (VM_DONTDUMP, 0),
+    MADV_DODUMP: (0, VM_DONTDUMP),
+    MADV_HUGEPAGE: (VM_HUGEPAGE, VM_NOHUGEPAGE),
+    MADV_NOHUGEPAGE: (VM_NOHUGEPAGE, VM_HUGEPAGE),
+}
+
+
+def _flag_advice(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
+    """Apply a flag-changing advice to one VMA (``madvise_vma_behavior``)."""
+    set_, clear = _FLAG_ADVICE[advice]
+    if advice in (MADV_DONTFORK, MADV_DOFORK) and vma.vm_flags & VM_IO:
+        raise_errno(errno.EINVAL)
+    if advice == MADV_WIPEONFORK and (vma.vm_file is not None or vma.vm_flags & VM_SHARED):
+        raise_errno(errno.EINVAL)
+    if advice == MADV_DODUMP and vma.vm_flags & VM_SPECIAL and not vma.vm_flags & VM_HUGETLB:
+        raise_errno(errno.EINVAL)
+    new = (vma.vm_flags | set_) & ~clear
+    if new == vma.vm_flags:
+        return
+
+    def change(v: Vma) -> None:
+        v.vm_flags = new
+
+    vma_modify(mm, vma, start, end, change)
+
+
+def _check_dontneed_free(vma: Vma, advice: int) -> None:
+    """EINVAL for VMAs whose pages may not be dropped (``madvise_dontneed_free_valid_vma``)."""
+    forbidden = VM_PFNMAP | (0 if advice == MADV_DONTNEED_LOCKED else VM_LOCKED)
+    if not vma.vm_flags & VM_HUGETLB and vma.vm_flags & forbidden:
+        raise_errno(errno.EINVAL)
+
+
+def _dontneed(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
+    """Drop the pages of the range (``madvise_dontneed_single_vma``).
+
+    Private anonymous memory reads back as zeros afterwards; shmem and
+    private file mappings refault from the page cache.
+    """
+    if vma.vm_flags & (VM_LOCKED | VM_PFNMAP) and advice != MADV_DONTNEED_LOCKED \
+            or vma.vm_flags & VM_PFNMAP:
+        raise_errno(errno.EINVAL)
+    mm.notify_remove(vma, start, end)
+    keep_wp = vma.vm_file is not None and bool(vma.vm_flags & VM_UFFD_WP)
+    zap_page_range(mm, vma, start, end, keep_wp)
+
+
+def _free(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
+    """Mark private anonymous pages lazily freeable (``madvise_free_single_vma``)."""
+    _check_dontneed_free(vma, advice)
+    if vma.vm_file is not None or vma.vm_flags & VM_SHARED:
+        raise_errno(errno.EINVAL)
+    mm.userfaultfd_remove(vma, start, end)
+    mm.lazyfree_range(vma, start, end)
+
+
+_POPULATE = {MADV_POPULATE_READ: False, MADV_POPULATE_WRITE: True}
+
+
+def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
+    """The madvise(2) syscall (``do_madvise``)."""
+    handlers: dict[int, Callable[[MmStruct, Vma, int, int, int], None]] = {
+        **{a: _flag_advice for a in _FLAG_ADVICE},
+        MADV_DONTNEED: _dontneed,
+        MADV_DONTNEED_LOCKED: _dontneed,
+        MADV_FREE: _free,
+    }
+    handlers.update(mm.extra_madvise)
+    if advice not in handlers and advice not in _POPULATE and advice not in (MADV_WILLNEED, MADV_COLD):
+        raise_errno(errno.EINVAL, f"unknown advice {advice}")
+    if start & (PAGE_SIZE - 1) or start < 0 or len_in < 0:
+        raise_errno(errno.EINVAL)
+    length = page_align(len_in)
+    if len_in and not length:
+        raise_errno(errno.EINVAL)
+    end = start + length
+    if end < start:
+        raise_errno(errno.EINVAL)
+    if end == start:
+        return
+    if advice in _POPULATE:
+        populate(mm, start, end, write=_POPULATE[advice])
+        return
+    handler = handlers.get(advice)
+    with mm.lock:
+        unmapped = False
+        addr = start
+        while addr < end:
+            vma = mm.vmas.find_vma(addr)
+            if vma is None or vma.vm_start >= end:
+                unmapped = True
+                break
+            if vma.vm_start > addr:
+                unmapped = True
+                addr = vma.vm_start
+            stop = min(end, vma.vm_end)
+            if handler is not None:
+                handler(mm, vma, addr, stop, advice)
+            addr = stop
+        if unmapped:
+            raise_errno(errno.ENOMEM)

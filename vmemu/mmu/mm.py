@@ -1,0 +1,338 @@
+"""The address space of a process: ``struct mm_struct`` and the access path.
+
+An :class:`MmStruct` owns the VMA tree, the page tables, the software TLB
+and the counters. Memory accesses arrive through :meth:`MmStruct.translate`,
+which does what the MMU and ``exc_page_fault`` do together: walk the
+tables; if the walk fails, find the VMA, check the access
+(``access_error``) and call ``handle_mm_fault``; retry after
+``VM_FAULT_RETRY``; turn a failed fault into a signal.
+
+The syscalls that change the address space live in their own modules
+(``mmap.py``, ``mprotect.py``, ``madvise.py``, ``fork.py``) and take the mm
+as their first argument; :class:`MmStruct` exposes them as methods.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import Any
+
+import attrs
+
+from vmemu.constants import PAGE_SHIFT, SEGV_ACCERR, SEGV_MAPERR, TASK_SIZE
+from vmemu.errors import Sigsegv, VmFault, fault_to_signal
+from vmemu.mmu.folio import PG, Folio, PhysMem
+from vmemu.mmu.memory import FAULT_FLAG_USER, FAULT_FLAG_WRITE, anon_vma_prepare, handle_mm_fault
+from vmemu.mmu.pagetable import PageTables
+from vmemu.mmu.pgtable import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SPECIAL,
+    PTE_PFN_MASK,
+    UFFD_WP_MARKER,
+    is_real_swap_pte,
+)
+from vmemu.mmu.tlb import Tlb
+from vmemu.mmu.vma import VM_EXEC, VM_READ, VM_WRITE, Vma, VmaTree
+from vmemu.mmu.vmaops import DEFAULT_MAX_MAP_COUNT
+
+# Where top-down mmap placement starts (mm->mmap_base), without ASLR.
+DEFAULT_MMAP_BASE = 0x7F0000000000
+MAX_FAULT_RETRIES = 64
+
+
+@attrs.frozen
+class MmStats:
+    """Counters of one address space."""
+
+    faults: int
+    cow: int
+    wp_reuse: int
+    zero_page_maps: int
+    anon_pages: int
+    page_tables: int
+    map_count: int
+    tlb_fills: int
+    tlb_flushes: int
+
+
+class MmStruct:
+    """One address space (``struct mm_struct``)."""
+
+    def __init__(self, phys: PhysMem, mmap_base: int = DEFAULT_MMAP_BASE) -> None:
+        self.phys = phys
+        self.pgtables = PageTables(phys)
+        self.tlb = Tlb()
+        self.vmas = VmaTree()
+        self.lock = threading.RLock()  # mmap_lock; the fault path holds it too
+        self.mmap_base = mmap_base
+        self.max_map_count = DEFAULT_MAX_MAP_COUNT
+        self.uffd_wp_marker_value = UFFD_WP_MARKER
+        self.stats_faults = 0
+        self.stats_cow = 0
+        self.stats_wp_reuse = 0
+        self.stats_zero_maps = 0
+        self.anon_rss = 0
+        self.dead = False
+        self.owner: Any = None
+        self.extra_madvise: dict[int, Any] = {}
+        phys.mms.append(self)
+
+    # -- physical pages --------------------------------------------------------
+
+    def alloc_anon_folio(self, vma: Vma, addr: int) -> Folio | None:
+        """Allocate a zeroed folio and add it to ``vma``'s anon rmap (``folio_add_new_anon_rmap``)."""
+        folio = self.phys.alloc_folio(0)
+        if folio is None:
+            return None
+        av = anon_vma_prepare(vma)
+        folio.flags = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
+        folio.mapping = av
+        folio.index = vma.linear_page_index(addr)
+        folio.mapcount = 1
+        return folio
+
+    # -- hooks filled in by the huge-page and swap layers ----------------------
+
+    def huge_fault(self, vma: Vma, address: int, flags: int, task: Any) -> VmFault:
+        """A fault under a huge PMD (``__handle_mm_fault`` PMD path)."""
+        raise NotImplementedError("huge PMD faults arrive with transparent huge pages")
+
+    def split_huge_pmd_at(self, vma: Vma, addr: int) -> None:
+        """Split a huge PMD straddling ``addr`` (``split_huge_pmd_address``); none exist yet."""
+
+    def split_huge_range(self, vma: Vma, start: int, end: int) -> None:
+        """Split huge PMDs that ``[start, end)`` covers only partly."""
+
+    def do_swap_page(self, vmf: Any) -> VmFault:
+        """Swap a page back in (``do_swap_page``)."""
+        raise NotImplementedError("swap entries arrive with the swap layer")
+
+    def free_swap_pte(self, pte: int) -> None:
+        """Drop the swap slot a zapped swap PTE held (``free_swap_and_cache``)."""
+        raise NotImplementedError("swap entries arrive with the swap layer")
+
+    def dup_swap_pte(self, pte: int, keep_uffd_wp: bool) -> int:
+        """The child's copy of a swap PTE at fork (``copy_nonpresent_pte``)."""
+        raise NotImplementedError("swap entries arrive with the swap layer")
+
+    def dup_swap_pte_parent(self, pte: int) -> int:
+        """The parent's swap PTE after fork (exclusive bit cleared)."""
+        raise NotImplementedError("swap entries arrive with the swap layer")
+
+    def mmap_hugetlb(self, addr: int, length: int, prot: int, flags: int, file: Any,
+                     offset: int) -> int:
+        """MAP_HUGETLB: the hugetlb pool is empty until the hugetlb layer fills it."""
+        from vmemu.errors import raise_errno
+
+        raise_errno(errno.ENOMEM, "hugetlb pool is empty (nr_hugepages = 0)")
+
+    def file_vm_flags(self, file: Any, vm_flags: int, shared: bool) -> int:
+        """Adjust VM_MAY* for a file's open mode and seals (``do_mmap`` file branch)."""
+        return vm_flags
+
+    # -- userfaultfd hooks (the uffd layer attaches contexts to VMAs) ----------
+
+    def userfaultfd_remove(self, vma: Vma, start: int, end: int) -> None:
+        """Tell ``vma``'s userfaultfd that pages are being dropped (``userfaultfd_remove``)."""
+        ctx = vma.vm_userfaultfd_ctx
+        if ctx is not None:
+            ctx.event_remove(vma, start, end)
+
+    def dup_userfaultfd(self, pvma: Vma, vma: Vma, child: MmStruct) -> bool:
+        """Decide whether the child's ``vma`` keeps registration (``dup_userfaultfd``)."""
+        ctx = pvma.vm_userfaultfd_ctx
+        if ctx is None:
+            return False
+        return bool(ctx.dup_vma(pvma, vma, child))
+
+    # -- lazily freed anonymous memory -------------------------------------------
+
+    def lazyfree_range(self, vma: Vma, start: int, end: int) -> None:
+        """MADV_FREE: mark exclusive anon pages clean and freeable (``madvise_free_pte_range``).
+
+        Their contents stay until reclaim discards them; a write in between
+        dirties the PTE again and keeps the page.
+        """
+        mem_map = self.phys.mem_map
+        for _addr, table, lo, hi in self.pgtables.iter_pte_tables(start, end):
+            for idx in range(lo, hi):
+                pte = table[idx]
+                if not pte:
+                    continue
+                if not pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
+                    if is_real_swap_pte(pte):
+                        self.free_swap_pte(pte)
+                        table[idx] = 0
+                    continue
+                if pte & _PAGE_SPECIAL:
+                    continue
+                folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
+                if folio.mapcount != 1:
+                    continue
+                table[idx] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
+                folio.flags &= ~(PG.dirty | PG.swapbacked)
+        self.tlb.flush_range(start, end)
+
+    # -- the syscalls ----------------------------------------------------------
+
+    def mmap(self, addr: int, length: int, prot: int, flags: int, file: Any = None,
+             offset: int = 0) -> int:
+        """mmap(2); see :func:`vmemu.mmu.mmap.do_mmap`."""
+        from vmemu.mmu.mmap import do_mmap
+
+        return do_mmap(self, addr, length, prot, flags, file, offset)
+
+    def munmap(self, addr: int, length: int) -> None:
+        """munmap(2); see :func:`vmemu.mmu.mmap.do_munmap`."""
+        from vmemu.mmu.mmap import check_munmap_args, do_munmap
+
+        do_munmap(self, addr, check_munmap_args(addr, length))
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """mprotect(2); see :func:`vmemu.mmu.mprotect.do_mprotect`."""
+        from vmemu.mmu.mprotect import do_mprotect
+
+        do_mprotect(self, addr, length, prot)
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        """madvise(2); see :func:`vmemu.mmu.madvise.do_madvise`."""
+        from vmemu.mmu.madvise import do_madvise
+
+        do_madvise(self, addr, length, advice)
+
+    def populate(self, start: int, end: int, write: bool | None = None,
+                 ignore_errors: bool = False) -> None:
+        """Fault in a range on the kernel's behalf (``mm_populate``)."""
+        from vmemu.mmu.gup import populate
+
+        populate(self, start, end, write, ignore_errors)
+
+    def fork(self) -> MmStruct:
+        """A copy-on-write duplicate of this address space (``dup_mm``)."""
+        from vmemu.mmu.fork import dup_mmap
+
+        child = MmStruct(self.phys, self.mmap_base)
+        child.max_map_count = self.max_map_count
+        child.extra_madvise = dict(self.extra_madvise)
+        dup_mmap(self, child)
+        return child
+
+    def exit_mmap(self) -> None:
+        """Tear the address space down at exit (``exit_mmap``)."""
+        from vmemu.mmu.memory import zap_page_range
+        from vmemu.mmu.vmaops import remove_vma
+
+        with self.lock:
+            if self.dead:
+                return
+            for vma in list(self.vmas):
+                zap_page_range(self, vma, vma.vm_start, vma.vm_end, keep_wp_marker=False)
+                remove_vma(self, vma)
+            self.pgtables.free_all()
+            self.tlb.flush_all()
+            self.dead = True
+            self.phys.mms.remove(self)
+
+    def check(self) -> None:
+        """Verify every invariant of this mm and of the mms sharing its memory.
+
+        See :mod:`vmemu.mmu.check`; raises ``AssertionError`` on a violation.
+        """
+        from vmemu.mmu.check import check_phys
+
+        with self.lock:
+            check_phys(self.phys, list(self.phys.mms))
+
+    def swap_count(self, pte: int) -> int:
+        """Mappings sharing a swap slot (``swp_swapcount``)."""
+        raise NotImplementedError("swap entries arrive with the swap layer")
+
+    def thp_eligible(self, vma: Vma) -> int:
+        """smaps THPeligible: 0 until transparent huge pages are emulated."""
+        return 0
+
+    def check_swap_pte(self, addr: int, pte: int) -> None:
+        """Check a swap PTE against the swap device (``check()`` helper)."""
+        raise NotImplementedError("swap entries arrive with the swap layer")
+
+    # -- the access path -------------------------------------------------------
+
+    def translate(self, addr: int, write: bool, task: Any = None) -> Any:
+        """Return the page buffer for ``addr``, faulting as needed (MMU walk + ``exc_page_fault``).
+
+        Raises :class:`~vmemu.errors.Signal` on a bad access; the address
+        space is left unchanged in that case.
+        """
+        if not 0 <= addr < TASK_SIZE:
+            raise Sigsegv(SEGV_MAPERR, addr)
+        mem_map = self.phys.mem_map
+        with self.lock:
+            for _ in range(MAX_FAULT_RETRIES):
+                pmd = self.pgtables.pmd_table(addr, False)
+                if pmd is not None:
+                    e = pmd[(addr >> 21) & 511]
+                    if e & _PAGE_PRESENT:
+                        if e & _PAGE_PSE:
+                            table, idx = pmd, (addr >> 21) & 511
+                            pfn = ((e & PTE_PFN_MASK) >> PAGE_SHIFT & ~511) | ((addr >> PAGE_SHIFT) & 511)
+                            pte = e
+                        else:
+                            table = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+                            idx = (addr >> PAGE_SHIFT) & 511
+                            pte = table[idx]
+                            pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
+                        if pte & _PAGE_PRESENT and (not write or pte & _PAGE_RW):
+                            # the hardware walker sets A, and D on a write
+                            if write:
+                                pte |= _PAGE_ACCESSED | _PAGE_DIRTY
+                            else:
+                                pte |= _PAGE_ACCESSED
+                            table[idx] = pte
+                            buf = mem_map[pfn].page_buffer(pfn)
+                            self.tlb.fill(addr >> PAGE_SHIFT, buf,
+                                          bool(pte & _PAGE_RW and pte & _PAGE_DIRTY))
+                            return buf
+                fault = self._do_user_addr_fault(addr, write, task)
+                if fault & VmFault.error_mask():
+                    raise fault_to_signal(fault, addr)
+            raise AssertionError(f"fault at {addr:#x} retried {MAX_FAULT_RETRIES} times")
+
+    def _do_user_addr_fault(self, addr: int, write: bool, task: Any) -> VmFault:
+        """Find the VMA, check the access, handle the fault (``do_user_addr_fault``)."""
+        vma = self.vmas.vma_lookup(addr)
+        if vma is None:
+            raise Sigsegv(SEGV_MAPERR, addr)
+        if write:
+            if not vma.vm_flags & VM_WRITE:
+                raise Sigsegv(SEGV_ACCERR, addr)
+        elif not vma.vm_flags & (VM_READ | VM_WRITE | VM_EXEC):
+            raise Sigsegv(SEGV_ACCERR, addr)
+        flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0)
+        return handle_mm_fault(self, vma, addr, flags, task)
+
+    # -- introspection ---------------------------------------------------------
+
+    def statistics(self) -> MmStats:
+        """A frozen snapshot of this mm's counters."""
+        t = self.tlb
+        return MmStats(self.stats_faults, self.stats_cow, self.stats_wp_reuse,
+                       self.stats_zero_maps, self.count_anon_pages(),
+                       self.pgtables.nr_tables, len(self.vmas), t.fills,
+                       t.n_flush_all + t.n_flush_range + t.n_flush_page)
+
+    def count_anon_pages(self) -> int:
+        """Present PTEs mapping anonymous folios (RssAnon in pages)."""
+        n = 0
+        mem_map = self.phys.mem_map
+        for _addr, e, _lvl in self.pgtables.iter_present():
+            if e & (_PAGE_PRESENT | _PAGE_PROTNONE) and not e & _PAGE_SPECIAL:
+                obj = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+                if isinstance(obj, Folio) and obj.flags & PG.anon:
+                    n += 1
+        return n

@@ -1,0 +1,281 @@
+"""Processes and tasks: who makes each memory access and syscall.
+
+A :class:`Process` owns an address space (:class:`~vmemu.mmu.mm.MmStruct`)
+and one or more :class:`Task` (threads, named so traces and userfaultfd
+messages can say who faulted). Every access goes through a task: the main
+task for the ``Process`` shortcuts, or a named one from
+:meth:`Process.thread`.
+
+The access fast path is the software TLB: a hit is one dict lookup and a
+slice of the page's bytearray. A miss (or an access that crosses a page)
+takes the slow path, :meth:`MmStruct.translate`, which walks the tables and
+faults exactly like the hardware and ``exc_page_fault``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from vmemu.constants import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PROT_READ,
+    PROT_WRITE,
+)
+from vmemu.errors import Signal
+from vmemu.kernel import Kernel
+from vmemu.mmu import proc
+from vmemu.mmu.mm import MmStats, MmStruct
+from vmemu.mmu.pagetable import WalkLevel
+
+_OFF_MASK = PAGE_SIZE - 1
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class Task:
+    """A thread of a process (``struct task_struct``): it makes accesses and syscalls."""
+
+    __slots__ = ("process", "tid", "name", "mm", "_r", "_w", "state", "__weakref__")
+
+    def __init__(self, process: Process, tid: int, name: str) -> None:
+        self.process = process
+        self.tid = tid
+        self.name = name
+        self.mm = process.mm
+        self._r = process.mm.tlb.r
+        self._w = process.mm.tlb.w
+        self.state = "running"
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, tid={self.tid})"
+
+    # -- raw bytes -----------------------------------------------------------
+
+    def read(self, addr: int, n: int) -> bytes:
+        """Read ``n`` bytes at ``addr``, faulting pages in as needed."""
+        off = addr & _OFF_MASK
+        if off + n <= PAGE_SIZE:
+            buf = self._r.get(addr >> PAGE_SHIFT)
+            if buf is not None:
+                return bytes(buf[off:off + n])
+        return self._read_slow(addr, n)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``addr``, faulting (and breaking COW) as needed."""
+        off = addr & _OFF_MASK
+        n = len(data)
+        if off + n <= PAGE_SIZE:
+            buf = self._w.get(addr >> PAGE_SHIFT)
+            if buf is not None:
+                buf[off:off + n] = data
+                return
+        self._write_slow(addr, data)
+
+    def _read_slow(self, addr: int, n: int) -> bytes:
+        if n < 0:
+            raise ValueError("negative length")
+        out = bytearray()
+        mm = self.mm
+        done = 0
+        while done < n:
+            a = addr + done
+            off = a & _OFF_MASK
+            chunk = min(n - done, PAGE_SIZE - off)
+            try:
+                buf = mm.translate(a, False, self)
+            except Signal as sig:
+                sig.done = done
+                raise
+            out += buf[off:off + chunk]
+            done += chunk
+        return bytes(out)
+
+    def _write_slow(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        mm = self.mm
+        done = 0
+        while done < n:
+            a = addr + done
+            off = a & _OFF_MASK
+            chunk = min(n - done, PAGE_SIZE - off)
+            try:
+                buf = mm.translate(a, True, self)
+            except Signal as sig:
+                sig.done = done
+                raise
+            buf[off:off + chunk] = view[done:done + chunk]
+            done += chunk
+
+    def touch(self, addr: int, write: bool = False) -> None:
+        """Access one byte (read, or write of its current value) to fault the page in."""
+        if write:
+            self.write(addr, self.read(addr, 1))
+        else:
+            self.read(addr, 1)
+
+    # -- typed accessors (little-endian, as on x86-64) -------------------------
+
+    def read_u8(self, addr: int) -> int:
+        """Read an unsigned byte."""
+        return int(_U8.unpack(self.read(addr, 1))[0])
+
+    def read_u16(self, addr: int) -> int:
+        """Read a little-endian u16."""
+        return int(_U16.unpack(self.read(addr, 2))[0])
+
+    def read_u32(self, addr: int) -> int:
+        """Read a little-endian u32."""
+        return int(_U32.unpack(self.read(addr, 4))[0])
+
+    def read_u64(self, addr: int) -> int:
+        """Read a little-endian u64."""
+        off = addr & _OFF_MASK
+        if off <= PAGE_SIZE - 8:
+            buf = self._r.get(addr >> PAGE_SHIFT)
+            if buf is not None:
+                return int(_U64.unpack_from(buf, off)[0])
+        return int(_U64.unpack(self._read_slow(addr, 8))[0])
+
+    def write_u8(self, addr: int, value: int) -> None:
+        """Write an unsigned byte."""
+        self.write(addr, _U8.pack(value))
+
+    def write_u16(self, addr: int, value: int) -> None:
+        """Write a little-endian u16."""
+        self.write(addr, _U16.pack(value))
+
+    def write_u32(self, addr: int, value: int) -> None:
+        """Write a little-endian u32."""
+        self.write(addr, _U32.pack(value))
+
+    def write_u64(self, addr: int, value: int) -> None:
+        """Write a little-endian u64."""
+        off = addr & _OFF_MASK
+        if off <= PAGE_SIZE - 8:
+            buf = self._w.get(addr >> PAGE_SHIFT)
+            if buf is not None:
+                _U64.pack_into(buf, off, value)
+                return
+        self._write_slow(addr, _U64.pack(value))
+
+
+class Process:
+    """An emulated process: an address space, its tasks and its syscalls."""
+
+    def __init__(self, kernel: Kernel | None = None, name: str = "main",
+                 mm: MmStruct | None = None) -> None:
+        self.kernel = kernel if kernel is not None else Kernel()
+        self.pid = self.kernel.alloc_pid()
+        self.mm = mm if mm is not None else MmStruct(self.kernel.phys)
+        self.mm.owner = self
+        self.name = name
+        self.main = Task(self, self.pid, "main")
+        self.tasks: dict[str, Task] = {"main": self.main}
+        self.exited = False
+        self.kernel.processes[self.pid] = self
+
+    def __repr__(self) -> str:
+        return f"Process({self.name!r}, pid={self.pid})"
+
+    def thread(self, name: str) -> Task:
+        """The task called ``name``, created on first use (``clone(CLONE_VM)``)."""
+        t = self.tasks.get(name)
+        if t is None:
+            t = Task(self, self.kernel.alloc_pid(), name)
+            self.tasks[name] = t
+        return t
+
+    # -- syscalls -------------------------------------------------------------
+
+    def mmap(self, addr: int = 0, length: int = PAGE_SIZE, prot: int = PROT_READ | PROT_WRITE,
+             flags: int = MAP_PRIVATE | MAP_ANONYMOUS, fd: Any = -1, offset: int = 0) -> int:
+        """mmap(2): map memory and return its address; ``OSError`` on failure."""
+        file = None if fd in (-1, None) else self.file_for_fd(fd)
+        return self.mm.mmap(addr, length, prot, flags, file, offset)
+
+    def file_for_fd(self, fd: Any) -> Any:
+        """The file object behind ``fd`` (memfds arrive with shmem support)."""
+        import errno
+
+        from vmemu.errors import raise_errno
+
+        raise_errno(errno.EBADF, f"no open file {fd!r}")
+
+    def munmap(self, addr: int, length: int) -> None:
+        """munmap(2)."""
+        self.mm.munmap(addr, length)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """mprotect(2)."""
+        self.mm.mprotect(addr, length, prot)
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        """madvise(2)."""
+        self.mm.madvise(addr, length, advice)
+
+    def fork(self, name: str | None = None) -> Process:
+        """fork(2): a child with a copy-on-write copy of this address space."""
+        child_mm = self.mm.fork()
+        return Process(self.kernel, name or f"{self.name}-child", mm=child_mm)
+
+    def exit(self) -> None:
+        """Exit: tear down the address space and free its memory (``exit_mmap``)."""
+        if not self.exited:
+            self.mm.exit_mmap()
+            self.exited = True
+            self.kernel.processes.pop(self.pid, None)
+
+    # -- memory access through the main task ---------------------------------
+
+    def read(self, addr: int, n: int) -> bytes:
+        """Read ``n`` bytes as the main task."""
+        return self.main.read(addr, n)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` as the main task."""
+        self.main.write(addr, data)
+
+    def read_u64(self, addr: int) -> int:
+        """Read a u64 as the main task."""
+        return self.main.read_u64(addr)
+
+    def write_u64(self, addr: int, value: int) -> None:
+        """Write a u64 as the main task."""
+        self.main.write_u64(addr, value)
+
+    def touch(self, addr: int, write: bool = False) -> None:
+        """Touch one byte as the main task."""
+        self.main.touch(addr, write)
+
+    # -- introspection ----------------------------------------------------------
+
+    def maps(self) -> str:
+        """/proc/<pid>/maps."""
+        return proc.maps(self.mm)
+
+    def smaps(self) -> str:
+        """/proc/<pid>/smaps."""
+        return proc.smaps(self.mm)
+
+    def pagemap(self, addr: int) -> int:
+        """/proc/<pid>/pagemap entry for the page at ``addr``."""
+        return proc.pagemap_entry(self.mm, addr)
+
+    def walk(self, addr: int) -> list[WalkLevel]:
+        """The page-table walk for ``addr``: each level's index and entry."""
+        return self.mm.pgtables.walk(addr)
+
+    def statistics(self) -> MmStats:
+        """Counters of this address space."""
+        return self.mm.statistics()
+
+    def check(self) -> None:
+        """``mm.check()``: verify all invariants (raises AssertionError)."""
+        self.mm.check()
