@@ -111,7 +111,7 @@ def _dontneed(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None
     if vma.vm_flags & (VM_LOCKED | VM_PFNMAP) and advice != MADV_DONTNEED_LOCKED \
             or vma.vm_flags & VM_PFNMAP:
         raise_errno(errno.EINVAL)
-    mm.notify_remove(vma, start, end)
+    mm.userfaultfd_remove(vma, start, end)
     keep_wp = vma.vm_file is not None and bool(vma.vm_flags & VM_UFFD_WP)
     zap_page_range(mm, vma, start, end, keep_wp)
 
