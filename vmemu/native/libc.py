@@ -40,9 +40,7 @@ def syscall(nr: int, *args: int) -> int:
     return _check(_syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args)))
 
 
-def mmap(
-    addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0
-) -> int:
+def mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
     """``mmap(2)``: map ``length`` bytes; returns the address (``do_mmap`` in mm/mmap.c)."""
     ret = _syscall(
         ctypes.c_long(linux.SYS_mmap),
