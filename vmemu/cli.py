@@ -1,0 +1,21 @@
+"""The ``vmemu`` command: tours and demos of the emulated address space."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``vmemu`` and ``python -m vmemu``."""
+    parser = argparse.ArgumentParser(prog="vmemu", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd")
+    sub.add_parser("tour", help="a narrated run through page tables, faults, fork and signals")
+    args = parser.parse_args(argv)
+    if args.cmd == "tour":
+        from vmemu.tour import run_tour
+
+        run_tour()
+        return 0
+    parser.print_help(sys.stdout)
+    return 0
