@@ -88,7 +88,7 @@ def get_unmapped_area(mm: MmStruct, addr: int, length: int, flags: int,
             raise_errno(errno.EINVAL)
         return addr
     if addr:
-        addr = page_align(addr)
+        addr &= ~(PAGE_SIZE - 1)
         if TASK_SIZE - length >= addr and addr >= MMAP_MIN_ADDR and \
                 not mm.vmas.overlapping(addr, addr + length):
             return addr
@@ -111,8 +111,10 @@ def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int,
         raise_errno(errno.EINVAL, "zero length")
     if length < 0 or addr < 0:
         raise_errno(errno.EINVAL)
-    if not flags & MAP_FIXED and addr and addr < MMAP_MIN_ADDR:
-        addr = page_align(MMAP_MIN_ADDR)  # round_hint_to_min
+    if not flags & MAP_FIXED:
+        addr &= ~(PAGE_SIZE - 1)  # round_hint_to_min: a hint is rounded down
+        if addr and addr < MMAP_MIN_ADDR:
+            addr = page_align(MMAP_MIN_ADDR)
     length = page_align(length)
     if length == 0 or length >= 1 << 64:
         raise_errno(errno.ENOMEM)
