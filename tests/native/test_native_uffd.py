@@ -153,7 +153,7 @@ def test_fault_read_copy_and_partial_errors(anon: Callable[[int], int]) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.001)
         (msg,) = u.read()
-        assert msg == uapi.PagefaultMsg(0, a, t.native_id)
+        assert msg == uapi.PagefaultMsg(0, a, t.native_id or -1)
         assert u.copy(a, s, P) == P
         t.join(5)
         assert got["r"].data == b"A"
