@@ -348,6 +348,8 @@ class Runner:
     def op_mmap(self, s: dict[str, Any]) -> dict[str, Any]:
         kind = s.get("kind", "anon")
         psize = HPAGE_SIZE if kind == "hugetlb" else PAGE_SIZE
+        if kind == "memfd":
+            psize = self.memfds[s["memfd"]][1]  # 2 MiB for a hugetlb memfd
         length = int(s["len"]) if "len" in s else int(s["pages"]) * psize
         prot = flag_value(s.get("prot", ["READ", "WRITE"]), PROT_NAMES)
         shared = bool(s.get("shared", kind in ("shmem", "memfd")))
