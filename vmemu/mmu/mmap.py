@@ -59,6 +59,9 @@ if TYPE_CHECKING:
     from vmemu.mmu.mm import MmStruct
 
 
+_ULONG_MASK = (1 << 64) - 1
+
+
 def page_align(n: int) -> int:
     """Round ``n`` up to a page boundary (``PAGE_ALIGN``)."""
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
@@ -107,10 +110,12 @@ def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int,
     """Create a mapping; returns its address (``ksys_mmap_pgoff`` -> ``do_mmap``)."""
     if offset & (PAGE_SIZE - 1) or offset < 0:
         raise_errno(errno.EINVAL, "offset not page aligned")
+    addr &= _ULONG_MASK  # addr and len are unsigned long in the syscall
+    length &= _ULONG_MASK
     if not length:
         raise_errno(errno.EINVAL, "zero length")
-    if length < 0 or addr < 0:
-        raise_errno(errno.EINVAL)
+    if flags & MAP_FIXED_NOREPLACE:
+        flags |= MAP_FIXED
     if not flags & MAP_FIXED:
         addr &= ~(PAGE_SIZE - 1)  # round_hint_to_min: a hint is rounded down
         if addr and addr < MMAP_MIN_ADDR:
@@ -128,19 +133,24 @@ def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int,
         raise_errno(errno.EBADF, "no file and no MAP_ANONYMOUS")
     if flags & MAP_HUGETLB:
         return mm.mmap_hugetlb(addr, length, prot, flags, file, offset)
-    if map_type == MAP_SHARED_VALIDATE:
+    if flags & MAP_FIXED and addr < MMAP_MIN_ADDR and addr <= TASK_SIZE - length \
+            and not addr & (PAGE_SIZE - 1):  # security_mmap_addr runs after those checks
+        raise_errno(errno.EPERM, "below mmap_min_addr")
+    # do_mmap places the mapping (ENOMEM/EINVAL) and checks MAP_FIXED_NOREPLACE
+    # (EEXIST) before it looks at the mapping type (EINVAL/EOPNOTSUPP).
+    shared = map_type in (MAP_SHARED, MAP_SHARED_VALIDATE)
+    thp_align = file is None and not shared and not addr
+    addr = get_unmapped_area(mm, addr, length, flags, thp_align)
+    if flags & MAP_FIXED_NOREPLACE and mm.vmas.overlapping(addr, addr + length):
+        raise_errno(errno.EEXIST)
+    if map_type == MAP_SHARED_VALIDATE and file is not None:
         if flags & ~LEGACY_MAP_MASK & ~(MAP_FIXED_NOREPLACE | MAP_SHARED_VALIDATE):
             raise_errno(errno.EOPNOTSUPP)
         map_type = MAP_SHARED
-    if map_type not in (MAP_SHARED, MAP_PRIVATE):
+    if map_type not in (MAP_SHARED, MAP_PRIVATE):  # MAP_SHARED_VALIDATE is for files only
         raise_errno(errno.EINVAL, "MAP_SHARED or MAP_PRIVATE required")
-    if flags & MAP_FIXED_NOREPLACE:
-        flags |= MAP_FIXED
-    shared = map_type == MAP_SHARED
     if shared and flags & MAP_GROWSDOWN:
         raise_errno(errno.EINVAL)
-    if flags & MAP_FIXED and addr < MMAP_MIN_ADDR:
-        raise_errno(errno.EPERM, "below mmap_min_addr")
     vm_flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
     if file is not None:
         vm_flags = mm.file_vm_flags(file, vm_flags, shared)
@@ -152,11 +162,7 @@ def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int,
         vm_flags |= VM_LOCKED
     if flags & MAP_NORESERVE:
         vm_flags |= VM_NORESERVE
-    thp_align = file is None and not shared and not addr
-    addr = get_unmapped_area(mm, addr, length, flags, thp_align)
     with mm.lock:
-        if flags & MAP_FIXED_NOREPLACE and mm.vmas.overlapping(addr, addr + length):
-            raise_errno(errno.EEXIST)
         mmap_region(mm, addr, length, vm_flags, file, pgoff, shared)
     if flags & (MAP_POPULATE | MAP_NONBLOCK) == MAP_POPULATE or vm_flags & VM_LOCKED:
         mm.populate(addr, addr + length, ignore_errors=True)
@@ -214,6 +220,8 @@ def do_munmap(mm: MmStruct, start: int, length: int) -> None:
 
 def check_munmap_args(start: int, length: int) -> int:
     """Validate munmap's arguments (``__vm_munmap``); returns the aligned length."""
+    start &= _ULONG_MASK
+    length &= _ULONG_MASK
     if start & (PAGE_SIZE - 1) or start > TASK_SIZE or length > TASK_SIZE - start or length < 0:
         raise_errno(errno.EINVAL)
     length = page_align(length)
