@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from vmemu.mmu.mm import MmStruct
 
 PROT_SEM = 0x8
+_ULONG_MASK = (1 << 64) - 1
 _KEEP = PTE_PFN_MASK | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_SPECIAL | _PAGE_UFFD_WP
 
 
@@ -96,13 +97,15 @@ def do_mprotect(mm: MmStruct, start: int, length: int, prot: int) -> None:
     prot &= ~grows
     if grows == PROT_GROWSDOWN | PROT_GROWSUP:
         raise_errno(errno.EINVAL)
-    if start & (PAGE_SIZE - 1) or start < 0 or length < 0:
+    start &= _ULONG_MASK  # start and len are unsigned long in the syscall
+    length &= _ULONG_MASK
+    if start & (PAGE_SIZE - 1):
         raise_errno(errno.EINVAL)
     if not length:
         return
-    length = page_align(length)
-    end = start + length
-    if end <= start or end > 1 << 64:
+    length = page_align(length) & _ULONG_MASK
+    end = (start + length) & _ULONG_MASK
+    if end <= start:
         raise_errno(errno.ENOMEM)
     if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
         raise_errno(errno.EINVAL)
