@@ -28,9 +28,11 @@ from vmemu.constants import (
     MADV_POPULATE_READ,
     MADV_POPULATE_WRITE,
     MADV_RANDOM,
+    MADV_REMOVE,
     MADV_SEQUENTIAL,
     MADV_WILLNEED,
     MADV_WIPEONFORK,
+    PAGE_SHIFT,
     PAGE_SIZE,
 )
 from vmemu.errors import raise_errno
@@ -44,6 +46,7 @@ from vmemu.mmu.vma import (
     VM_HUGETLB,
     VM_IO,
     VM_LOCKED,
+    VM_MAYWRITE,
     VM_NOHUGEPAGE,
     VM_PFNMAP,
     VM_RAND_READ,
@@ -125,6 +128,22 @@ def _free(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
     mm.lazyfree_range(vma, start, end)
 
 
+_ULONG_MASK = (1 << 64) - 1
+def _remove(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
+    """Punch a hole in the shmem file behind the range (``madvise_remove``)."""
+    from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+
+    if vma.vm_flags & VM_LOCKED:
+        raise_errno(errno.EINVAL)
+    if vma.vm_file is None:
+        raise_errno(errno.EINVAL)
+    if not (vma.vm_flags & VM_SHARED and vma.vm_flags & VM_MAYWRITE):
+        raise_errno(errno.EACCES)
+    offset = (start - vma.vm_start) + (vma.vm_pgoff << PAGE_SHIFT)
+    mm.userfaultfd_remove(vma, start, end)
+    fallocate(vma.vm_file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - start)
+
+
 _POPULATE = {MADV_POPULATE_READ: False, MADV_POPULATE_WRITE: True}
 
 
@@ -135,16 +154,19 @@ def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
         MADV_DONTNEED: _dontneed,
         MADV_DONTNEED_LOCKED: _dontneed,
         MADV_FREE: _free,
+        MADV_REMOVE: _remove,
     }
     handlers.update(mm.extra_madvise)
     if advice not in handlers and advice not in _POPULATE and advice not in (MADV_WILLNEED, MADV_COLD):
         raise_errno(errno.EINVAL, f"unknown advice {advice}")
-    if start & (PAGE_SIZE - 1) or start < 0 or len_in < 0:
+    start &= _ULONG_MASK  # start and len_in are unsigned long / size_t in the syscall
+    len_in &= _ULONG_MASK
+    if start & (PAGE_SIZE - 1):
         raise_errno(errno.EINVAL)
-    length = page_align(len_in)
+    length = page_align(len_in) & _ULONG_MASK
     if len_in and not length:
         raise_errno(errno.EINVAL)
-    end = start + length
+    end = (start + length) & _ULONG_MASK
     if end < start:
         raise_errno(errno.EINVAL)
     if end == start:
