@@ -14,6 +14,7 @@ faults exactly like the hardware and ``exc_page_fault``.
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import Any
 
@@ -25,9 +26,10 @@ from vmemu.constants import (
     PROT_READ,
     PROT_WRITE,
 )
-from vmemu.errors import Signal
+from vmemu.errors import Signal, raise_errno
 from vmemu.kernel import Kernel
-from vmemu.mmu import proc
+from vmemu.mmu import memfd, proc
+from vmemu.mmu.memfd import OpenFile
 from vmemu.mmu.mm import MmStats, MmStruct
 from vmemu.mmu.pagetable import WalkLevel
 
@@ -179,6 +181,7 @@ class Process:
         self.main = Task(self, self.pid, "main")
         self.tasks: dict[str, Task] = {"main": self.main}
         self.exited = False
+        self.fds: dict[int, OpenFile] = {}
         self.kernel.processes[self.pid] = self
 
     def __repr__(self) -> str:
@@ -201,12 +204,70 @@ class Process:
         return self.mm.mmap(addr, length, prot, flags, file, offset)
 
     def file_for_fd(self, fd: Any) -> Any:
-        """The file object behind ``fd`` (memfds arrive with shmem support)."""
-        import errno
+        """The inode behind ``fd`` (``fdget``); EBADF when ``fd`` is not open."""
+        return self._file(fd).inode
 
-        from vmemu.errors import raise_errno
+    def _file(self, fd: Any) -> OpenFile:
+        f = self.fds.get(fd) if isinstance(fd, int) else None
+        if f is None:
+            raise_errno(errno.EBADF, f"fd {fd!r} is not open")
+        return f
 
-        raise_errno(errno.EBADF, f"no open file {fd!r}")
+    def _install_fd(self, f: OpenFile) -> int:
+        fd = 3
+        while fd in self.fds:
+            fd += 1
+        self.fds[fd] = f
+        return fd
+
+    # -- files: memfd and the syscalls on it -----------------------------------
+
+    def memfd_create(self, name: str, flags: int = 0) -> int:
+        """memfd_create(2): a new anonymous shmem (or hugetlb) file; returns its fd."""
+        setup = getattr(self.kernel, "hugetlb_file_setup", None)
+        return self._install_fd(memfd.memfd_create(self.kernel.phys, name, flags, setup))
+
+    def close(self, fd: int) -> None:
+        """close(2)."""
+        f = self._file(fd)
+        del self.fds[fd]
+        f.release()
+
+    def dup(self, fd: int) -> int:
+        """dup(2): a second fd for the same open file."""
+        f = self._file(fd)
+        f.refs += 1
+        return self._install_fd(f)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        """ftruncate(2): set the file size; pages beyond it vanish from every mapping."""
+        memfd.truncate_setsize(self._file(fd).inode, length)
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2): allocate, or punch a hole with FALLOC_FL_PUNCH_HOLE|KEEP_SIZE."""
+        memfd.fallocate(self._file(fd).inode, mode, offset, length)
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        """pread(2) from the page cache (stops at end of file)."""
+        return memfd.file_read(self._file(fd).inode, n, offset)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        """pwrite(2) into the page cache; returns the bytes written."""
+        return memfd.file_write(self._file(fd).inode, bytes(data), offset)
+
+    def fstat_size(self, fd: int) -> int:
+        """``st_size`` of the file behind ``fd``."""
+        return int(self._file(fd).inode.i_size)
+
+    def fcntl(self, fd: int, cmd: int, arg: int = 0) -> int:
+        """fcntl(2) for the sealing commands F_ADD_SEALS and F_GET_SEALS."""
+        inode = self._file(fd).inode
+        if cmd == memfd.F_GET_SEALS:
+            return int(inode.seals)
+        if cmd == memfd.F_ADD_SEALS:
+            memfd.add_seals(inode, arg)
+            return 0
+        raise_errno(errno.EINVAL, f"fcntl command {cmd} is not emulated")
 
     def munmap(self, addr: int, length: int) -> None:
         """munmap(2)."""
@@ -223,11 +284,17 @@ class Process:
     def fork(self, name: str | None = None) -> Process:
         """fork(2): a child with a copy-on-write copy of this address space."""
         child_mm = self.mm.fork()
-        return Process(self.kernel, name or f"{self.name}-child", mm=child_mm)
+        child = Process(self.kernel, name or f"{self.name}-child", mm=child_mm)
+        for fd, f in self.fds.items():
+            f.refs += 1
+            child.fds[fd] = f
+        return child
 
     def exit(self) -> None:
         """Exit: tear down the address space and free its memory (``exit_mmap``)."""
         if not self.exited:
+            for fd in list(self.fds):
+                self.close(fd)
             self.mm.exit_mmap()
             self.exited = True
             self.kernel.processes.pop(self.pid, None)

@@ -38,7 +38,7 @@ from vmemu.mmu.pgtable import (
     is_real_swap_pte,
 )
 from vmemu.mmu.tlb import Tlb
-from vmemu.mmu.vma import VM_EXEC, VM_READ, VM_WRITE, Vma, VmaTree
+from vmemu.mmu.vma import VM_EXEC, VM_MAYWRITE, VM_READ, VM_WRITE, Vma, VmaTree
 from vmemu.mmu.vmaops import DEFAULT_MAX_MAP_COUNT
 
 # Where top-down mmap placement starts (mm->mmap_base), without ASLR.
@@ -133,7 +133,19 @@ class MmStruct:
         raise_errno(errno.ENOMEM, "hugetlb pool is empty (nr_hugepages = 0)")
 
     def file_vm_flags(self, file: Any, vm_flags: int, shared: bool) -> int:
-        """Adjust VM_MAY* for a file's open mode and seals (``do_mmap`` file branch)."""
+        """Apply a sealed file's rules to a new mapping's flags (``memfd_check_seals_mmap``).
+
+        F_SEAL_WRITE forbids shared writable mappings (EPERM); F_SEAL_FUTURE_WRITE
+        forbids them too and takes VM_MAYWRITE away from shared read-only ones.
+        """
+        from vmemu.errors import raise_errno
+        from vmemu.mmu.memfd import F_SEAL_FUTURE_WRITE, F_SEAL_WRITE
+
+        seals = getattr(file, "seals", 0)
+        if shared and seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+            if vm_flags & VM_WRITE:
+                raise_errno(errno.EPERM, "file is sealed against writing")
+            vm_flags &= ~VM_MAYWRITE
         return vm_flags
 
     # -- userfaultfd hooks (the uffd layer attaches contexts to VMAs) ----------

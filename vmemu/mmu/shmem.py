@@ -27,6 +27,8 @@ class ShmemInode:
         self.pages: dict[int, Folio] = {}
         self.i_mmap: list[Any] = []  # VMAs mapping this inode (the i_mmap interval tree)
         self.file_refs = 0  # open files (memfd) besides the mappings
+        self.seals = 0
+        self.dev = "00:01"
         self.ino = ShmemInode._next_ino
         ShmemInode._next_ino += 1
 
@@ -62,6 +64,15 @@ class ShmemInode:
         if folio is not None:
             folio.mapping = None
             self.phys.folio_put(folio)
+
+    def drop_range(self, first: int, last: int) -> None:
+        """Remove cached pages with index in ``[first, last)`` (``shmem_undo_range``)."""
+        for index in [i for i in self.pages if first <= i < last]:
+            self.remove_folio(index)
+
+    def proc_name(self) -> str:
+        """The name /proc/<pid>/maps shows for mappings of this inode."""
+        return self.name if self.name.startswith("/") else "/dev/zero (deleted)"
 
     def truncate(self) -> None:
         """Drop the whole page cache, as the last reference to the inode goes."""

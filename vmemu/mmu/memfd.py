@@ -1,0 +1,217 @@
+"""memfd and the file syscalls on it: an anonymous shmem file you can map twice.
+
+Mirrors ``mm/memfd.c`` and the shmem file operations (``mm/shmem.c``):
+``memfd_create`` makes a tmpfs inode with no name on disk; ``ftruncate``
+sets its size; ``fallocate`` allocates pages or punches holes;
+``pread``/``pwrite`` go through the page cache; seals (``F_ADD_SEALS``)
+forbid shrinking, growing or writing. Mapping one memfd twice gives two
+aliases of the same page cache, which is what userfaultfd minor faults
+(``UFFDIO_CONTINUE``) are built on.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import attrs
+
+from vmemu.constants import PAGE_SHIFT, PAGE_SIZE
+from vmemu.errors import raise_errno
+from vmemu.mmu.filemap import unmap_mapping_range
+from vmemu.mmu.folio import PG, PhysMem
+from vmemu.mmu.shmem import ShmemInode
+from vmemu.mmu.vma import VM_MAYWRITE, VM_SHARED
+
+MFD_CLOEXEC = 0x0001
+MFD_ALLOW_SEALING = 0x0002
+MFD_HUGETLB = 0x0004
+MFD_NOEXEC_SEAL = 0x0008
+MFD_EXEC = 0x0010
+MFD_HUGE_SHIFT = 26
+MFD_HUGE_MASK = 0x3F
+MFD_NAME_MAX_LEN = 255 - len("memfd:")
+
+F_ADD_SEALS = 1033
+F_GET_SEALS = 1034
+F_SEAL_SEAL = 0x0001
+F_SEAL_SHRINK = 0x0002
+F_SEAL_GROW = 0x0004
+F_SEAL_WRITE = 0x0008
+F_SEAL_FUTURE_WRITE = 0x0010
+F_SEAL_EXEC = 0x0020
+F_ALL_SEALS = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_FUTURE_WRITE \
+    | F_SEAL_EXEC
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+MAX_LFS_FILESIZE = (1 << 63) - 1
+
+
+@attrs.define(eq=False)
+class OpenFile:
+    """An open file description (``struct file``) shared by dup'ed and inherited fds."""
+
+    inode: Any
+    name: str
+    cloexec: bool = False
+    refs: int = 1
+
+    def release(self) -> None:
+        """Drop one reference; the last one releases the inode's file reference (``fput``)."""
+        self.refs -= 1
+        if self.refs == 0:
+            self.inode.file_refs -= 1
+            if self.inode.file_refs == 0 and not self.inode.i_mmap:
+                self.inode.truncate()
+
+
+def memfd_create(phys: PhysMem, name: str, flags: int, hugetlb_setup: Any = None) -> OpenFile:
+    """Create an anonymous tmpfs file (``memfd_create``)."""
+    known = MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB | MFD_NOEXEC_SEAL | MFD_EXEC
+    if flags & MFD_HUGETLB:
+        known |= MFD_HUGE_MASK << MFD_HUGE_SHIFT
+    if flags & ~known or flags < 0:
+        raise_errno(errno.EINVAL, "unknown memfd flags")
+    if flags & MFD_NOEXEC_SEAL and flags & MFD_EXEC:
+        raise_errno(errno.EINVAL, "MFD_NOEXEC_SEAL with MFD_EXEC")
+    if len(name.encode()) > MFD_NAME_MAX_LEN:
+        raise_errno(errno.EINVAL, "name too long")
+    if flags & MFD_HUGETLB:
+        if hugetlb_setup is None:
+            raise_errno(errno.EINVAL, "hugetlb is not available")
+        inode = hugetlb_setup(name, flags)
+    else:
+        inode = ShmemInode(phys, 0, name=f"/memfd:{name} (deleted)")
+    inode.seals = 0 if flags & (MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL) else F_SEAL_SEAL
+    if flags & MFD_NOEXEC_SEAL:
+        inode.seals |= F_SEAL_EXEC
+    inode.file_refs += 1
+    return OpenFile(inode, f"memfd:{name}", cloexec=bool(flags & MFD_CLOEXEC))
+
+
+def writably_mapped(inode: Any) -> bool:
+    """True while a shared mapping may write the file (``mapping_writably_mapped``)."""
+    return any(v.vm_flags & VM_SHARED and v.vm_flags & VM_MAYWRITE for v in inode.i_mmap)
+
+
+def add_seals(inode: Any, seals: int) -> None:
+    """F_ADD_SEALS (``memfd_add_seals``)."""
+    if seals & ~F_ALL_SEALS or seals < 0:
+        raise_errno(errno.EINVAL)
+    if inode.seals & F_SEAL_SEAL:
+        raise_errno(errno.EPERM)
+    if seals & F_SEAL_WRITE and not inode.seals & F_SEAL_WRITE and writably_mapped(inode):
+        raise_errno(errno.EBUSY)
+    inode.seals |= seals
+
+
+def truncate_setsize(inode: Any, size: int) -> None:
+    """Set ``i_size``, dropping cached pages and mappings beyond it (``shmem_setattr``)."""
+    if size < 0 or size > MAX_LFS_FILESIZE:
+        raise_errno(errno.EINVAL)
+    old = inode.i_size
+    if size < old and inode.seals & F_SEAL_SHRINK:
+        raise_errno(errno.EPERM)
+    if size > old and inode.seals & F_SEAL_GROW:
+        raise_errno(errno.EPERM)
+    inode.i_size = size
+    if size < old:
+        first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        unmap_mapping_range(inode, first, 1 << 52, even_cows=True, drop_markers=True)
+        inode.drop_range(first, 1 << 52)
+        if size & (PAGE_SIZE - 1):
+            folio = inode.find_folio(size >> PAGE_SHIFT)
+            if folio is not None:
+                off = size & (PAGE_SIZE - 1)
+                folio.data[off:] = bytes(PAGE_SIZE - off)
+
+
+def fallocate(inode: Any, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) on a shmem file (``shmem_fallocate``)."""
+    if offset < 0 or length <= 0:
+        raise_errno(errno.EINVAL)
+    if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+        raise_errno(errno.EOPNOTSUPP)
+    if offset + length > MAX_LFS_FILESIZE:
+        raise_errno(errno.EFBIG)
+    end = offset + length
+    if mode & FALLOC_FL_PUNCH_HOLE:
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise_errno(errno.EOPNOTSUPP)
+        if inode.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+            raise_errno(errno.EPERM)
+        first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
+        last = end >> PAGE_SHIFT
+        if first < last:
+            unmap_mapping_range(inode, first, last, even_cows=False)
+            inode.drop_range(first, last)
+        _zero_partial(inode, offset, min(end, first << PAGE_SHIFT))
+        _zero_partial(inode, max(offset, last << PAGE_SHIFT), end)
+        return
+    if not mode & FALLOC_FL_KEEP_SIZE and end > inode.i_size and inode.seals & F_SEAL_GROW:
+        raise_errno(errno.EPERM)
+    for index in range(offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT):
+        if inode.get_folio(index) is None:
+            raise_errno(errno.ENOSPC)
+    if not mode & FALLOC_FL_KEEP_SIZE and end > inode.i_size:
+        inode.i_size = end
+
+
+def _zero_partial(inode: Any, start: int, end: int) -> None:
+    while start < end:
+        folio = inode.find_folio(start >> PAGE_SHIFT)
+        stop = min(end, (start | (PAGE_SIZE - 1)) + 1)
+        if folio is not None:
+            off = start & (PAGE_SIZE - 1)
+            folio.data[off:off + stop - start] = bytes(stop - start)
+        start = stop
+
+
+def file_read(inode: Any, n: int, offset: int) -> bytes:
+    """pread(2) through the page cache (``shmem_file_read_iter``); holes read as zeros."""
+    if n < 0 or offset < 0:
+        raise_errno(errno.EINVAL)
+    end = min(offset + n, inode.i_size)
+    out = bytearray()
+    pos = offset
+    while pos < end:
+        stop = min(end, (pos | (PAGE_SIZE - 1)) + 1)
+        folio = inode.find_folio(pos >> PAGE_SHIFT)
+        if folio is None:
+            out += bytes(stop - pos)
+        else:
+            off = pos & (PAGE_SIZE - 1)
+            out += folio.data[off:off + stop - pos]
+        pos = stop
+    return bytes(out)
+
+
+def file_write(inode: Any, data: bytes, offset: int) -> int:
+    """pwrite(2) through the page cache (``shmem_write_begin``/``generic_perform_write``)."""
+    if offset < 0:
+        raise_errno(errno.EINVAL)
+    if inode.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+        raise_errno(errno.EPERM)
+    end = offset + len(data)
+    if end > inode.i_size and inode.seals & F_SEAL_GROW:
+        raise_errno(errno.EPERM)
+    if end > MAX_LFS_FILESIZE:
+        raise_errno(errno.EFBIG)
+    done = 0
+    pos = offset
+    while pos < end:
+        stop = min(end, (pos | (PAGE_SIZE - 1)) + 1)
+        folio = inode.get_folio(pos >> PAGE_SHIFT)
+        if folio is None:
+            if done:
+                break
+            raise_errno(errno.ENOSPC)
+        off = pos & (PAGE_SIZE - 1)
+        folio.data[off:off + stop - pos] = data[done:done + stop - pos]
+        folio.flags |= PG.dirty
+        done += stop - pos
+        pos = stop
+    if offset + done > inode.i_size:
+        inode.i_size = offset + done
+    return done
