@@ -129,6 +129,8 @@ def _free(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
 
 
 _ULONG_MASK = (1 << 64) - 1
+
+
 def _remove(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
     """Punch a hole in the shmem file behind the range (``madvise_remove``)."""
     from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
