@@ -1,4 +1,4 @@
-"""Fixtures of the conformance suite: scenario discovery and the native driver."""
+"""Conformance suite setup: make the runner modules and vmemu importable."""
 
 from __future__ import annotations
 
@@ -12,6 +12,3 @@ ROOT = HERE.parents[1]
 for p in (str(HERE), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(0, p)
-
-DATA = HERE / "data"
-SCENARIOS = sorted((DATA / "scenarios").glob("*.json"))

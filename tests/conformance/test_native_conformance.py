@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import DATA, SCENARIOS
 from native_driver import NativeDriver
 from runner import load_json, run_scenario
 
 pytestmark = pytest.mark.differential
+
+DATA = Path(__file__).resolve().parent / "data"
+SCENARIOS = sorted((DATA / "scenarios").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
