@@ -1,0 +1,127 @@
+"""A small harness for same-run, interleaved, ratio-based benchmarks.
+
+The machines vmemu is benchmarked on are small, shared VMs whose speed
+drifts by tens of percent within a minute. An absolute figure ("12 us per
+fault") measured at one moment says little; a *ratio* to a reference
+measured a few milliseconds earlier in the same process says a lot more.
+So every scenario here measures its own reference next to itself, and the
+scenarios run round-robin (scenario A rep 1, B rep 1, ..., A rep 2, ...)
+so that a slow spell of the machine spreads over all of them instead of
+landing on one. Figures are reported as the median over the repetitions
+with the min and max beside it.
+
+Nothing here asserts on timing: a benchmark prints, it never fails.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+perf_counter = time.perf_counter
+
+
+@attrs.define
+class Metric:
+    """One reported figure: its samples across repetitions and how to judge it."""
+
+    name: str
+    unit: str
+    samples: list[float] = attrs.field(factory=list)
+    target: float | None = None
+    higher_is_better: bool = False
+    fmt: str = "{:.2f}"
+
+    @property
+    def median(self) -> float:
+        """Median of the samples."""
+        return statistics.median(self.samples)
+
+    def verdict(self) -> str:
+        """'meets' / 'MISSES' the target on the median, or '' without a target."""
+        if self.target is None or not self.samples:
+            return ""
+        ok = self.median >= self.target if self.higher_is_better else self.median <= self.target
+        return "meets" if ok else "MISSES"
+
+    def target_str(self) -> str:
+        """The target as text: '<= 5' or '>= 100000'."""
+        if self.target is None:
+            return ""
+        return ("\u2265 " if self.higher_is_better else "\u2264 ") + self.fmt.format(self.target)
+
+
+class Scenario:
+    """A benchmark: ``run_once()`` measures one repetition and records into its metrics."""
+
+    name = "scenario"
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, Metric] = {}
+
+    def metric(self, key: str, name: str, unit: str, **kw: Any) -> Metric:
+        """Declare a metric (call from ``__init__``)."""
+        m = Metric(name, unit, **kw)
+        self.metrics[key] = m
+        return m
+
+    def record(self, key: str, value: float) -> None:
+        """Add one sample to metric ``key``."""
+        self.metrics[key].samples.append(value)
+
+    def run_once(self) -> None:
+        """Measure one repetition."""
+        raise NotImplementedError
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds taken by ``fn()``, starting from a collected heap."""
+    gc.collect()
+    t0 = perf_counter()
+    fn()
+    return perf_counter() - t0
+
+
+def best_of(fn: Callable[[], Any], inner: int = 3) -> float:
+    """The fastest of ``inner`` runs of ``fn()``: the usual timeit estimator for micro loops."""
+    return min(timed(fn) for _ in range(inner))
+
+
+def run_round_robin(scenarios: list[Scenario], reps: int,
+                    progress: Callable[[str], None] | None = None) -> None:
+    """Run every scenario once per repetition, interleaved, ``reps`` times."""
+    for rep in range(reps):
+        for s in scenarios:
+            if progress is not None:
+                progress(f"rep {rep + 1}/{reps}: {s.name}")
+            s.run_once()
+
+
+def format_table(scenarios: list[Scenario], markdown: bool = False) -> str:
+    """The results as an aligned text table (or a Markdown table)."""
+    header = ("metric", "median", "min", "max", "unit", "target", "")
+    rows: list[tuple[str, ...]] = []
+    for s in scenarios:
+        for m in s.metrics.values():
+            if not m.samples:
+                continue
+            rows.append((m.name, m.fmt.format(m.median), m.fmt.format(min(m.samples)),
+                         m.fmt.format(max(m.samples)), m.unit, m.target_str(), m.verdict()))
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    aligns = ["<", ">", ">", ">", "<", "<", "<"]
+
+    def fmt_row(r: tuple[str, ...]) -> str:
+        return "  ".join(f"{c:{a}{w}}" for c, a, w in zip(r, aligns, widths, strict=True)).rstrip()
+
+    out = [fmt_row(header), fmt_row(tuple("-" * w for w in widths))]
+    out += [fmt_row(r) for r in rows]
+    return "\n".join(out)
