@@ -163,14 +163,20 @@ def handle_mm_fault(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any 
 
 
 def handle_pte_marker(mm: MmStruct, vmf: VmFaultInfo) -> VmFault:
-    """A fault on a pte marker (``handle_pte_marker``)."""
+    """A fault on a pte marker (``handle_pte_marker``).
+
+    A UFFDIO_POISON marker gives SIGBUS (BUS_ADRERR on 6.18, as observed).
+    A uffd-wp marker is an empty PTE that remembers write protection: the
+    fault proceeds as for a none PTE and the page it installs keeps the
+    uffd-wp bit (``pte_marker_handle_uffd_wp``); a marker left behind after
+    unregister is dropped and the fault retried.
+    """
     pte = vmf.orig_pte
     if is_poisoned_marker(pte):
-        return VmFault.SIGBUS if mm.poison_is_sigbus else VmFault.HWPOISON
+        return VmFault.SIGBUS
     if is_uffd_wp_marker(pte):
         vma = vmf.vma
         if not vma.vm_flags & VM_UFFD_WP:
-            # a leftover marker after unregister: drop it lazily and refault
             vmf.table[vmf.idx] = 0
             return VmFault.NONE
         if vma.vm_file is None:
@@ -196,10 +202,13 @@ def do_anonymous_page(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -
     """Fill an empty PTE of private anonymous memory (``do_anonymous_page``).
 
     A read maps the shared zero page (no allocation); a write allocates a
-    zeroed folio that belongs to this VMA alone (anon-exclusive).
+    zeroed folio that belongs to this VMA alone (anon-exclusive). A VMA
+    registered for MISSING faults hands both to userfaultfd instead. Over a
+    uffd-wp marker the new PTE keeps the uffd-wp bit, so a write then takes
+    a write-protect fault on retry.
     """
     vma = vmf.vma
-    if vma.vm_flags & VM_UFFD_MISSING and not wp_marker:
+    if vma.vm_flags & VM_UFFD_MISSING:
         return handle_userfault(vmf, VM_UFFD_MISSING)
     prot = vm_get_page_prot(vma.vm_flags)
     if not vmf.flags & FAULT_FLAG_WRITE:
@@ -209,13 +218,13 @@ def do_anonymous_page(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -
         vmf.table[vmf.idx] = pte
         mm.stats_zero_maps += 1
         return VmFault.NONE
-    if wp_marker and vma.vm_flags & VM_UFFD_WP:
-        return handle_userfault(vmf, VM_UFFD_WP)
     folio = mm.alloc_anon_folio(vma, vmf.address)
     if folio is None:
         return VmFault.OOM
-    pte = (folio.pfn << PAGE_SHIFT) | prot | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
-    vmf.table[vmf.idx] = maybe_mkwrite(pte, vma)
+    pte = maybe_mkwrite((folio.pfn << PAGE_SHIFT) | prot | _PAGE_DIRTY | _PAGE_SOFT_DIRTY, vma)
+    if wp_marker:
+        pte = (pte | _PAGE_UFFD_WP) & ~_PAGE_RW
+    vmf.table[vmf.idx] = pte
     return VmFault.NONE
 
 
@@ -225,6 +234,8 @@ def do_fault(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -> VmFault
     Dispatches like the kernel to ``do_read_fault`` (map the cached page),
     ``do_cow_fault`` (write to a private mapping: copy it into a new
     anonymous folio) or ``do_shared_fault`` (map the cached page writable).
+    A page missing from the cache is a MISSING userfault, a cached page with
+    no PTE a MINOR one, when the VMA is registered for them (``shmem_fault``).
     """
     vma = vmf.vma
     inode = vma.vm_file
@@ -233,35 +244,37 @@ def do_fault(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -> VmFault
         return VmFault.SIGBUS
     folio = inode.find_folio(index)
     if folio is None:
-        if vma.vm_flags & VM_UFFD_MISSING and not wp_marker:
+        if vma.vm_flags & VM_UFFD_MISSING:
             return handle_userfault(vmf, VM_UFFD_MISSING)
         folio = inode.get_folio(index)
         if folio is None:
             return VmFault.OOM
-    elif vma.vm_flags & VM_UFFD_MINOR and not wp_marker:
+    elif vma.vm_flags & VM_UFFD_MINOR:
         return handle_userfault(vmf, VM_UFFD_MINOR)
     if folio.test(PG.hwpoison):
         return VmFault.HWPOISON
     prot = vm_get_page_prot(vma.vm_flags)
     wp = _PAGE_UFFD_WP if wp_marker else 0
     write = vmf.flags & FAULT_FLAG_WRITE
-    if write and wp_marker:
-        return handle_userfault(vmf, VM_UFFD_WP)
     if write and not vma.vm_flags & VM_SHARED:
         new = mm.alloc_anon_folio(vma, vmf.address)
         if new is None:
             return VmFault.OOM
         new.data[:] = folio.data
-        pte = (new.pfn << PAGE_SHIFT) | prot | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
-        vmf.table[vmf.idx] = maybe_mkwrite(pte, vma)
+        pte = maybe_mkwrite((new.pfn << PAGE_SHIFT) | prot | _PAGE_DIRTY | _PAGE_SOFT_DIRTY, vma)
+        if wp:
+            pte = (pte | wp) & ~_PAGE_RW
+        vmf.table[vmf.idx] = pte
         mm.stats_cow += 1
         return VmFault.NONE
     folio.refcount += 1
     folio.mapcount += 1
-    pte = (folio.pfn << PAGE_SHIFT) | prot | wp
+    pte = (folio.pfn << PAGE_SHIFT) | prot
     if write:
         pte |= _PAGE_DIRTY | _PAGE_SOFT_DIRTY
         folio.set(PG.dirty)
+    if wp:
+        pte = (pte | wp) & ~_PAGE_RW
     vmf.table[vmf.idx] = pte
     return VmFault.NONE
 
@@ -269,16 +282,20 @@ def do_fault(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -> VmFault
 def do_wp_page(mm: MmStruct, vmf: VmFaultInfo) -> VmFault:
     """A write to a present, read-only PTE (``do_wp_page``).
 
-    uffd-wp protected -> userfault; shared mapping -> make writable
+    uffd-wp protected -> userfault, or with UFFD_FEATURE_WP_ASYNC the bit is
+    silently dropped and the write proceeds; shared mapping -> make writable
     (``wp_page_shared``); exclusive anonymous folio -> reuse in place
     (``wp_page_reuse``); anything else -> copy (``wp_page_copy``).
     """
     vma = vmf.vma
     pte = vmf.orig_pte
     if pte & _PAGE_UFFD_WP:
-        if vma.vm_flags & VM_UFFD_WP:
+        ctx = vma.vm_userfaultfd_ctx
+        if vma.vm_flags & VM_UFFD_WP and not (ctx is not None and ctx.wp_async):
             return handle_userfault(vmf, VM_UFFD_WP)
-        pte &= ~_PAGE_UFFD_WP  # stale bit after unregister
+        pte &= ~_PAGE_UFFD_WP  # WP_ASYNC, or a stale bit after unregister
+        vmf.table[vmf.idx] = pte
+        vmf.orig_pte = pte
     if not vma.vm_flags & VM_WRITE:
         return VmFault.SIGSEGV
     pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
