@@ -121,7 +121,9 @@ def do_mprotect(mm: MmStruct, start: int, length: int, prot: int) -> None:
                 raise_errno(errno.EACCES)
             tmp = min(vma.vm_end, end)
             vma = mprotect_fixup(mm, vma, nstart, tmp, newflags)
-            nstart = tmp
+            # continue after the VMA as it is now: it may have merged with the next
+            # one (tmp = vma_iter_end(&vmi) in do_mprotect_pkey)
+            nstart = max(tmp, vma.vm_end)
             if nstart >= end:
                 return
             nxt = mm.vmas.find_vma(nstart)
