@@ -80,6 +80,9 @@ def mprotect_fixup(mm: MmStruct, vma: Vma, start: int, end: int, newflags: int) 
     if newflags & VM_WRITE and not oldflags & (VM_ACCOUNT | VM_WRITE | VM_HUGETLB | VM_SHARED
                                                 | VM_NORESERVE):
         newflags |= VM_ACCOUNT
+    elif not newflags & VM_WRITE and oldflags & VM_ACCOUNT and vma.vm_file is None \
+            and vma.anon_vma is None:
+        newflags &= ~VM_ACCOUNT  # nothing was ever written: unaccount it
     if newflags == oldflags:
         return vma
 
