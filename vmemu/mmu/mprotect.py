@@ -31,6 +31,7 @@ from vmemu.mmu.pgtable import (
 from vmemu.mmu.vma import (
     VM_ACCESS_FLAGS,
     VM_ACCOUNT,
+    VM_GROWSDOWN,
     VM_HUGETLB,
     VM_NORESERVE,
     VM_SHARED,
@@ -114,8 +115,16 @@ def do_mprotect(mm: MmStruct, start: int, length: int, prot: int) -> None:
         raise_errno(errno.EINVAL)
     with mm.lock:
         vma = mm.vmas.find_vma(start)
-        if vma is None or vma.vm_start > start:
+        if grows & PROT_GROWSDOWN:
+            if vma is None or vma.vm_start >= end:
+                raise_errno(errno.ENOMEM)
+            if not vma.vm_flags & VM_GROWSDOWN:
+                raise_errno(errno.EINVAL)
+            start = vma.vm_start
+        elif vma is None or vma.vm_start > start:
             raise_errno(errno.ENOMEM)
+        elif grows & PROT_GROWSUP:
+            raise_errno(errno.EINVAL)  # x86-64 has no VM_GROWSUP
         nstart = start
         want = calc_vm_prot_bits(prot)
         while True:
