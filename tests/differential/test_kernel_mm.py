@@ -128,6 +128,8 @@ ERRNO_CASES = [
     ("mprotect unaligned", "mprotect_raw", (1, P, PROT_READ)),
     ("mprotect bad prot bits", "mprotect_raw", (0, P, 0x10)),
     ("mprotect GROWSDOWN|GROWSUP", "mprotect_raw", (0, P, PROT_GROWSDOWN | PROT_GROWSUP)),
+    ("mprotect GROWSDOWN on a plain VMA", "mprotect_raw", (-P, P, PROT_READ | PROT_GROWSDOWN)),
+    ("mprotect GROWSUP on a plain VMA", "mprotect_raw", (-P, P, PROT_READ | PROT_GROWSUP)),
     ("mprotect len 0", "mprotect_raw", (0, 0, PROT_READ)),
     ("mprotect hole", "mprotect_raw", (0, P, PROT_READ)),
     ("mprotect wraps", "mprotect_raw", (0, U64 - P + 1, PROT_READ)),
