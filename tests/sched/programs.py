@@ -36,7 +36,7 @@ def producer_consumer(rt: Runtime, n_items: int = 20, n_consumers: int = 2) -> l
         got: list[int] = []
         while True:
             slot: list[Any] = []
-            wq.wait_event(lambda: take(slot), exclusive=True, reason="item")
+            wq.wait_event(lambda slot=slot: take(slot), exclusive=True, reason="item")
             if slot[0] is None:
                 return got
             got.append(slot[0])

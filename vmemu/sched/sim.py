@@ -24,8 +24,8 @@ switches tasks, so the layers above may update their structures freely.
 
 Preemption is voluntary: at `cond_resched` a task that has run for longer
 than `CostModel.timeslice` on a CPU with a ready task waiting gives the CPU
-up (EEVDF's slice).  A dispatch onto a CPU whose previous task differs costs
-`context_switch`.
+up (EEVDF's slice) to another task, and queues behind it.  A dispatch onto
+a CPU whose previous task differs costs `context_switch`.
 
 Deadlock: no CPU has a task and no task is ready or sleeping with a
 deadline, yet some task is blocked.  `run` then raises `Deadlock` naming
@@ -245,14 +245,22 @@ class SimRuntime(Runtime):
         task.last_cpu = cpu.id
         task.slice_start = cpu.clock.now_ns()
 
-    def _switch(self, prev: SimTask | None) -> None:
-        """Hand the baton to the next task; `prev` (if any) sleeps until picked again."""
+    def _switch(self, prev: SimTask | None, requeue: SimTask | None = None) -> None:
+        """Hand the baton to the next task; `prev` (if any) sleeps until picked again.
+
+        `requeue`, a task just preempted, becomes ready only after the pick,
+        so the CPU goes to another task (round robin on slice expiry).
+        """
         if self._tearing_down:
             self._driver.release()
             if prev is not None:
                 prev.baton.acquire()
             return
         choice = self._pick()
+        if requeue is not None:
+            self._ready[requeue.tid] = requeue
+            if choice is None:
+                choice = self._pick()
         if choice is None:
             self._end_of_run()
             if prev is not None:
@@ -335,7 +343,8 @@ class SimRuntime(Runtime):
             task.cpu = None
             task.state = TaskState.RUNNABLE
             task.ready_at = now
-            self._ready[task.tid] = task
+            self._switch(task, requeue=task)
+            return
         self._switch(task)
 
     def sleep(self, seconds: float) -> None:

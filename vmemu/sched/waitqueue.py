@@ -197,6 +197,8 @@ class WaitQueue:
         """Wake every matching non-exclusive waiter and up to `nr_exclusive` exclusive ones.
 
         Kernel `__wake_up` / `__wake_up_common`; `nr_exclusive <= 0` wakes all.
+        A `key` of None reaches every waiter; any other key only the waiters
+        the queue's `match` accepts.
         Charges `wakeup` per task woken to the caller.  Returns how many were woken.
         """
         woken: list[WaitQueueEntry] = []
@@ -204,7 +206,7 @@ class WaitQueue:
             self._wake_calls += 1
             left = nr_exclusive
             for entry in list(self._entries):
-                if not self.match(entry.key, key):
+                if key is not None and not self.match(entry.key, key):
                     continue
                 self._entries.remove(entry)
                 entry.queued = False
