@@ -113,7 +113,7 @@ def show_map_vma(vma: Vma) -> str:
     head = f"{vma.vm_start:08x}-{vma.vm_end:08x} {vma.flags_str()} {pgoff:08x} {dev} {ino} "
     name = vma_name(vma)
     if name:
-        head = head.ljust(25 + 8 * 6 - 1) + name
+        head = head.ljust(25 + 8 * 6 - 1) + " " + name  # seq_pad(m, ' '): pad, then a space
     return head
 
 
