@@ -125,7 +125,10 @@ class PhysMem:
         self.page_tables = 0
         self.nr_folios = 0
         self.oom_failures = 0
-        self.reclaim_hook: Any = None
+        # called with the number of frames wanted when an allocation would pass
+        # the limit (try_to_free_pages in vmemu.mmu.vmscan); None disables reclaim
+        self.reclaim_hook: Any = self._try_to_free_pages
+        self.swap: Any = None  # the machine's SwapSpace (vmemu.mmu.swapfile), made on first use
         self.mms: list[Any] = []  # live address spaces, for check() and rmap
         zero = Folio(pfn=self._take_pfns(0), order=0, data=bytearray(PAGE_SIZE),
                      flags=PG.zero | PG.uptodate | PG.locked)
@@ -166,6 +169,12 @@ class PhysMem:
         self.pages_in_use += n
         self.nr_folios += 1
         return folio
+
+    def _try_to_free_pages(self, nr_pages: int) -> None:
+        """The default reclaim hook: swap out or discard ``nr_pages`` frames if possible."""
+        from vmemu.mmu.vmscan import try_to_free_pages
+
+        try_to_free_pages(self, nr_pages)
 
     def free_folio(self, folio: Folio) -> None:
         """Return a folio's frames to the allocator (``free_unref_folios``)."""
