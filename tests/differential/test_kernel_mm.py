@@ -451,3 +451,21 @@ def test_random_sequences_match_the_kernel(ops, fork_at_end):
     finally:
         k.close()
         e.close()
+
+
+def test_maps_lines_have_the_kernels_columns(sides):
+    k, e = sides
+    same(k, e, "mmap", 0, 1, RW, SA | MAP_FIXED)
+    same(k, e, "mmap", 2, 1, PROT_READ, PA | MAP_FIXED)
+
+    def lines(side):
+        out = []
+        for line in side.maps_text().splitlines():
+            start = int(line.split("-")[0], 16)
+            if start in (side.addr(0), side.addr(2)):
+                f = line.split(maxsplit=5)
+                # drop addresses and the inode number, keep columns and the name
+                out.append((f[1], f[2], line.find("/"), line[73:]))
+        return out
+
+    assert lines(e) == lines(k)
