@@ -36,6 +36,9 @@ from vmemu.mmu.pgtable import (
     PTE_PFN_MASK,
     UFFD_WP_MARKER,
     is_real_swap_pte,
+    pte_swp_clear_exclusive,
+    pte_swp_clear_uffd_wp,
+    swp_entry_clean,
 )
 from vmemu.mmu.tlb import Tlb
 from vmemu.mmu.vma import VM_EXEC, VM_MAYWRITE, VM_READ, VM_WRITE, Vma, VmaTree
@@ -110,20 +113,36 @@ class MmStruct:
         """Split huge PMDs that ``[start, end)`` covers only partly."""
 
     def do_swap_page(self, vmf: Any) -> VmFault:
-        """Swap a page back in (``do_swap_page``)."""
-        raise NotImplementedError("swap entries arrive with the swap layer")
+        """Swap a page back in; see :func:`vmemu.mmu.swap_state.do_swap_page`."""
+        from vmemu.mmu.swap_state import do_swap_page
+
+        return do_swap_page(self, vmf)
 
     def free_swap_pte(self, pte: int) -> None:
         """Drop the swap slot a zapped swap PTE held (``free_swap_and_cache``)."""
-        raise NotImplementedError("swap entries arrive with the swap layer")
+        if is_real_swap_pte(pte) and self.phys.swap is not None:
+            with self.phys.swap.lock:
+                self.phys.swap.free_swap_and_cache(swp_entry_clean(pte))
 
     def dup_swap_pte(self, pte: int, keep_uffd_wp: bool) -> int:
-        """The child's copy of a swap PTE at fork (``copy_nonpresent_pte``)."""
-        raise NotImplementedError("swap entries arrive with the swap layer")
+        """The child's copy of a swap PTE at fork, one more swap count (``copy_nonpresent_pte``)."""
+        if is_real_swap_pte(pte) and self.phys.swap is not None:
+            with self.phys.swap.lock:
+                self.phys.swap.swap_duplicate(swp_entry_clean(pte))
+            pte = pte_swp_clear_exclusive(pte)
+        return pte if keep_uffd_wp else pte_swp_clear_uffd_wp(pte)
 
     def dup_swap_pte_parent(self, pte: int) -> int:
-        """The parent's swap PTE after fork (exclusive bit cleared)."""
-        raise NotImplementedError("swap entries arrive with the swap layer")
+        """The parent's swap PTE after fork: shared now, so not exclusive."""
+        return pte_swp_clear_exclusive(pte) if is_real_swap_pte(pte) else pte
+
+    def free_swap_cache(self, folio: Folio) -> None:
+        """After a zap or COW unmapped ``folio``: drop its unused swap cache (``free_swap_cache``)."""
+        if folio.flags & PG.swapcache and not folio.mapcount:
+            from vmemu.mmu.swap_state import free_swap_cache
+
+            with self.phys.swap.lock:
+                free_swap_cache(self.phys.swap, folio)
 
     def mmap_hugetlb(self, addr: int, length: int, prot: int, flags: int, file: Any,
                      offset: int) -> int:
@@ -187,6 +206,12 @@ class MmStruct:
                 folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
                 if folio.mapcount != 1:
                     continue
+                if folio.flags & PG.swapcache:
+                    from vmemu.mmu.swap_state import folio_free_swap
+
+                    with self.phys.swap.lock:
+                        if not folio_free_swap(self.phys.swap, folio):
+                            continue
                 table[idx] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
                 folio.flags &= ~(PG.dirty | PG.swapbacked)
         self.tlb.flush_range(start, end)
@@ -263,7 +288,8 @@ class MmStruct:
 
     def swap_count(self, pte: int) -> int:
         """Mappings sharing a swap slot (``swp_swapcount``)."""
-        raise NotImplementedError("swap entries arrive with the swap layer")
+        swap = self.phys.swap
+        return 0 if swap is None else int(swap.swap_count(swp_entry_clean(pte)))
 
     def thp_eligible(self, vma: Vma) -> int:
         """smaps THPeligible: 0 until transparent huge pages are emulated."""
@@ -271,7 +297,16 @@ class MmStruct:
 
     def check_swap_pte(self, addr: int, pte: int) -> None:
         """Check a swap PTE against the swap device (``check()`` helper)."""
-        raise NotImplementedError("swap entries arrive with the swap layer")
+        from vmemu.mmu.vma import VM_SHARED
+
+        swap = self.phys.swap
+        assert swap is not None, f"swap PTE {pte:#x} at {addr:#x} but no swap was ever on"
+        entry = swp_entry_clean(pte)
+        assert swap.swap_info_get(entry) is not None, f"swap PTE {pte:#x} at {addr:#x}: bad entry"
+        assert swap.swap_count(entry) > 0, f"swap PTE {pte:#x} at {addr:#x} names a free slot"
+        vma = self.vmas.vma_lookup(addr)
+        assert vma is not None and not vma.vm_flags & VM_SHARED, \
+            f"swap PTE {pte:#x} at {addr:#x} in a shared mapping"
 
     # -- the access path -------------------------------------------------------
 
