@@ -103,12 +103,14 @@ class RoundTrip(Scenario):
             self.metric(label, f"{label} / Condition", "x", target=target)
         self.metric("sim_us", "sim, 1 CPU, traced round trip", "us", fmt="{:.1f}")
 
+    def _pingpong(self, rt: Runtime) -> Callable[[], None]:
+        return lambda: runtime_pingpong(rt, self.n)
+
     def run_once(self) -> None:
         ref = timed(lambda: condition_pingpong(self.n)) / self.n
         self.record("cond", ref * 1e6)
         for label, make in VARIANTS.items():
-            rt = make()
-            t = timed(lambda rt=rt: runtime_pingpong(rt, self.n)) / self.n
+            t = timed(self._pingpong(make())) / self.n
             self.record(label, t / ref)
             if label == "sim, 1 CPU, traced":
                 self.record("sim_us", t * 1e6)

@@ -257,7 +257,9 @@ def do_fault(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -> VmFault
     wp = _PAGE_UFFD_WP if wp_marker else 0
     write = vmf.flags & FAULT_FLAG_WRITE
     if write and not vma.vm_flags & VM_SHARED:
+        folio.refcount += 1  # held across the allocation, whose reclaim must not take it
         new = mm.alloc_anon_folio(vma, vmf.address)
+        folio.refcount -= 1
         if new is None:
             return VmFault.OOM
         new.data[:] = folio.data
@@ -324,10 +326,15 @@ def _can_reuse(folio: Folio) -> bool:
 def wp_page_copy(mm: MmStruct, vmf: VmFaultInfo, old_pfn: int) -> VmFault:
     """Break COW: copy the page into a new exclusive folio (``wp_page_copy``)."""
     vma = vmf.vma
+    old_pte = vmf.orig_pte
+    held = None if old_pte & _PAGE_SPECIAL else mm.phys.mem_map[old_pfn]
+    if held is not None:
+        held.refcount += 1  # get_page: reclaim in the allocation must not take the old page
     new = mm.alloc_anon_folio(vma, vmf.address)
+    if held is not None:
+        held.refcount -= 1
     if new is None:
         return VmFault.OOM
-    old_pte = vmf.orig_pte
     if old_pte & _PAGE_SPECIAL:
         pass  # zero page: the new folio is already zeroed
     else:
@@ -339,6 +346,7 @@ def wp_page_copy(mm: MmStruct, vmf: VmFaultInfo, old_pfn: int) -> VmFault:
     if not old_pte & _PAGE_SPECIAL:
         old = mm.phys.mem_map[old_pfn]
         old.mapcount -= 1
+        mm.free_swap_cache(old)
         mm.phys.folio_put(old)
     mm.tlb.flush_page(vmf.address)
     mm.stats_cow += 1
@@ -356,6 +364,7 @@ def zap_pte(mm: MmStruct, vma: Vma, table: list[int], idx: int, keep_wp_marker: 
             if pte & _PAGE_DIRTY:
                 folio.flags |= PG.dirty
             folio.mapcount -= 1
+            mm.free_swap_cache(folio)
             mm.phys.folio_put(folio)
         table[idx] = mm.uffd_wp_marker_value if (wp and keep_wp_marker) else 0
         return
