@@ -21,8 +21,15 @@ if TYPE_CHECKING:
 class Kernel:
     """One emulated machine."""
 
-    def __init__(self, mem_limit_pages: int | None = None) -> None:
+    def __init__(self, mem_limit_pages: int | None = None, *, runtime: Any = None,
+                 uffd_profile: Any = None) -> None:
+        from vmemu.sched.threads import ThreadRuntime
+        from vmemu.uffd.profile import LINUX_6_18
+
         self.phys = PhysMem(limit_pages=mem_limit_pages)
+        # how tasks block: real threads unless a simulation or inline runtime is given
+        self.runtime = runtime if runtime is not None else ThreadRuntime()
+        self.uffd_profile = uffd_profile if uffd_profile is not None else LINUX_6_18
         self._pids = itertools.count(1000)
         self.processes: dict[int, Process] = {}
         self.sysctl: dict[str, Any] = {
@@ -39,6 +46,13 @@ class Kernel:
         from vmemu.process import Process
 
         return Process(kernel=self, name=name)
+
+    def mfill_atomic_hugetlb(self, ctx: Any, vma: Any, dst: int, src: int, length: int,
+                             mode: Any, wp: bool) -> int:
+        """UFFDIO_COPY/CONTINUE/POISON into a hugetlb VMA (``mfill_atomic_hugetlb``)."""
+        from vmemu.mmu import hugetlb
+
+        return int(hugetlb.mfill_atomic_hugetlb(ctx, vma, dst, src, length, mode, wp))
 
     def memory_statistics(self) -> PhysMemStats:
         """Frame usage of the whole machine."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import (
     MAP_ANONYMOUS,
@@ -32,6 +32,9 @@ from vmemu.mmu import memfd, proc
 from vmemu.mmu.memfd import OpenFile
 from vmemu.mmu.mm import MmStats, MmStruct
 from vmemu.mmu.pagetable import WalkLevel
+
+if TYPE_CHECKING:
+    from vmemu.uffd.ctx import Userfaultfd
 
 _OFF_MASK = PAGE_SIZE - 1
 _U8 = struct.Struct("<B")
@@ -82,6 +85,14 @@ class Task:
     def _read_slow(self, addr: int, n: int) -> bytes:
         if n < 0:
             raise ValueError("negative length")
+        off = addr & _OFF_MASK
+        if n and off + n <= PAGE_SIZE:  # one page (a TLB miss): no splitting
+            try:
+                buf = self.mm.translate(addr, False, self)
+            except Signal as sig:
+                sig.done = 0
+                raise
+            return bytes(buf[off:off + n])
         out = bytearray()
         mm = self.mm
         done = 0
@@ -99,6 +110,16 @@ class Task:
         return bytes(out)
 
     def _write_slow(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        off = addr & _OFF_MASK
+        if isinstance(data, (bytes, bytearray)) and data and off + len(data) <= PAGE_SIZE:
+            # one page (first touch, or a TLB miss): no memoryview, no splitting
+            try:
+                buf = self.mm.translate(addr, True, self)
+            except Signal as sig:
+                sig.done = 0
+                raise
+            buf[off:off + len(data)] = data
+            return
         view = memoryview(data).cast("B")
         n = len(view)
         mm = self.mm
@@ -168,6 +189,33 @@ class Task:
         self._write_slow(addr, _U64.pack(value))
 
 
+class DevUserfaultfd:
+    """An open ``/dev/userfaultfd``: its one ioctl, USERFAULTFD_IOC_NEW, makes a userfaultfd.
+
+    File permissions guard the device; ``vm.unprivileged_userfaultfd`` is not consulted.
+    """
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+
+    def ioctl(self, cmd: int, flags: int = 0) -> Userfaultfd:
+        """``ioctl(fd, USERFAULTFD_IOC_NEW, flags)``; any other command is EINVAL."""
+        from vmemu.uffd.uapi import USERFAULTFD_IOC_NEW
+
+        if cmd != USERFAULTFD_IOC_NEW:
+            raise_errno(errno.EINVAL)
+        return self.process._new_userfaultfd(flags)
+
+    def new(self, flags: int = 0) -> Userfaultfd:
+        """USERFAULTFD_IOC_NEW."""
+        from vmemu.uffd.uapi import USERFAULTFD_IOC_NEW
+
+        return self.ioctl(USERFAULTFD_IOC_NEW, flags)
+
+    def close(self) -> None:
+        """close(2) of the device fd; userfaultfds it made live on."""
+
+
 class Process:
     """An emulated process: an address space, its tasks and its syscalls."""
 
@@ -182,6 +230,12 @@ class Process:
         self.tasks: dict[str, Task] = {"main": self.main}
         self.exited = False
         self.fds: dict[int, OpenFile] = {}
+        # CAP_SYS_ADMIN (capable(CAP_SYS_ADMIN)): the emulated caller is root by default;
+        # False makes privileged calls such as madvise(MADV_HWPOISON) fail with EPERM.
+        self.capable_sys_admin = True
+        # CAP_SYS_PTRACE: userfaultfd(2) without UFFD_USER_MODE_ONLY and UFFD_FEATURE_EVENT_FORK
+        # need it unless vm.unprivileged_userfaultfd is 1; root by default.
+        self.capable_sys_ptrace = True
         self.kernel.processes[self.pid] = self
 
     def __repr__(self) -> str:
@@ -211,6 +265,8 @@ class Process:
         f = self.fds.get(fd) if isinstance(fd, int) else None
         if f is None:
             raise_errno(errno.EBADF, f"fd {fd!r} is not open")
+        if not isinstance(f, OpenFile):
+            raise_errno(errno.EINVAL, f"fd {fd} is not a regular file")
         return f
 
     def _install_fd(self, f: OpenFile) -> int:
@@ -219,6 +275,74 @@ class Process:
             fd += 1
         self.fds[fd] = f
         return fd
+
+    def install_file(self, f: Any) -> int:
+        """Install an open file (memfd, userfaultfd) at the lowest free fd (``fd_install``)."""
+        return self._install_fd(f)
+
+    # -- userfaultfd -------------------------------------------------------------
+
+    def userfaultfd(self, flags: int = 0) -> Userfaultfd:
+        """userfaultfd(2): a new userfaultfd for this process's address space.
+
+        ``flags`` may hold O_CLOEXEC, O_NONBLOCK and UFFD_USER_MODE_ONLY (else
+        EINVAL). Without UFFD_USER_MODE_ONLY the caller needs CAP_SYS_PTRACE or
+        ``vm.unprivileged_userfaultfd = 1`` (else EPERM), as on Linux.
+        """
+        from vmemu.uffd.uapi import UFFD_USER_MODE_ONLY
+
+        if not (flags & UFFD_USER_MODE_ONLY or self.capable_sys_ptrace
+                or self.kernel.sysctl.get("vm.unprivileged_userfaultfd")):
+            raise_errno(errno.EPERM)
+        return self._new_userfaultfd(flags)
+
+    def _new_userfaultfd(self, flags: int) -> Userfaultfd:
+        """``new_userfaultfd``: validate flags, make the context, install its fd."""
+        from vmemu.uffd.ctx import Userfaultfd
+        from vmemu.uffd.uapi import UFFD_SHARED_FCNTL_FLAGS, UFFD_USER_MODE_ONLY
+
+        if flags & ~(UFFD_SHARED_FCNTL_FLAGS | UFFD_USER_MODE_ONLY) or flags < 0:
+            raise_errno(errno.EINVAL)
+        ctx = Userfaultfd(self, flags)
+        ctx.fd = self._install_fd(ctx)
+        return ctx
+
+    def open_dev_userfaultfd(self) -> DevUserfaultfd:
+        """open("/dev/userfaultfd"): the misc device whose ioctl makes userfaultfds."""
+        return DevUserfaultfd(self)
+
+    def uffd_from_fd(self, fd: int) -> Userfaultfd:
+        """The userfaultfd installed at ``fd`` (e.g. from a FORK message's ``ufd``)."""
+        from vmemu.uffd.ctx import Userfaultfd
+
+        f = self.fds.get(fd)
+        if not isinstance(f, Userfaultfd):
+            raise_errno(errno.EBADF)
+        return f
+
+    # -- syscalls that touch user memory from the kernel ------------------------------
+
+    def kernel_read(self, addr: int, n: int) -> bytes:
+        """What write(2) of ``[addr, addr+n)`` to a pipe copies: a kernel-mode read.
+
+        Faults are kernel faults (no FAULT_FLAG_USER); a bad buffer is EFAULT.
+        """
+        from vmemu.mmu.gup import access_user
+
+        return access_user(self.mm, addr, n, False)
+
+    def kernel_write(self, addr: int, data: bytes) -> int:
+        """What read(2) from a pipe into ``addr`` does: a kernel-mode write; returns bytes."""
+        from vmemu.mmu.gup import access_user
+
+        access_user(self.mm, addr, len(data), True, bytes(data))
+        return len(data)
+
+    def process_vm_readv(self, other: Process, addr: int, n: int) -> bytes:
+        """process_vm_readv(2): read another process's memory through the kernel."""
+        from vmemu.mmu.gup import access_user
+
+        return access_user(other.mm, addr, n, False)
 
     # -- files: memfd and the syscalls on it -----------------------------------
 
@@ -229,8 +353,9 @@ class Process:
 
     def close(self, fd: int) -> None:
         """close(2)."""
-        f = self._file(fd)
-        del self.fds[fd]
+        f = self.fds.pop(fd, None) if isinstance(fd, int) else None
+        if f is None:
+            raise_errno(errno.EBADF, f"fd {fd!r} is not open")
         f.release()
 
     def dup(self, fd: int) -> int:
@@ -281,13 +406,41 @@ class Process:
         """madvise(2)."""
         self.mm.madvise(addr, length, advice)
 
+    def mremap(self, old_addr: int, old_len: int, new_len: int, flags: int = 0,
+               new_addr: int = 0) -> int:
+        """mremap(2): grow, shrink or move a mapping; returns its (new) address."""
+        return self.mm.mremap(old_addr, old_len, new_len, flags, new_addr)
+
+    def mlock(self, addr: int, length: int, flags: int = 0) -> None:
+        """mlock(2), or mlock2(2) with ``flags`` (MLOCK_ONFAULT)."""
+        self.mm.mlock(addr, length, flags)
+
+    def munlock(self, addr: int, length: int) -> None:
+        """munlock(2)."""
+        self.mm.munlock(addr, length)
+
+    def mlockall(self, flags: int) -> None:
+        """mlockall(2): MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT."""
+        from vmemu.mmu.mlock import do_mlockall
+
+        do_mlockall(self.mm, flags)
+
+    def munlockall(self) -> None:
+        """munlockall(2)."""
+        from vmemu.mmu.mlock import do_munlockall
+
+        do_munlockall(self.mm)
+
     def fork(self, name: str | None = None) -> Process:
         """fork(2): a child with a copy-on-write copy of this address space."""
-        child_mm = self.mm.fork()
-        child = Process(self.kernel, name or f"{self.name}-child", mm=child_mm)
+        child = Process(self.kernel, name or f"{self.name}-child",
+                        mm=MmStruct(self.kernel.phys, self.mm.mmap_base))
+        child.capable_sys_ptrace = self.capable_sys_ptrace
+        self.mm.fork(child.mm)
         for fd, f in self.fds.items():
             f.refs += 1
             child.fds[fd] = f
+        self.mm.dup_userfaultfd_complete(child.mm)
         return child
 
     def exit(self) -> None:

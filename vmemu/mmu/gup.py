@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from vmemu.constants import PAGE_SHIFT, PAGE_SIZE
 from vmemu.errors import VmFault, raise_errno
 from vmemu.mmu.memory import FAULT_FLAG_WRITE, handle_mm_fault
-from vmemu.mmu.pgtable import _PAGE_PRESENT, _PAGE_RW
+from vmemu.mmu.pgtable import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, PTE_PFN_MASK
 from vmemu.mmu.vma import VM_ACCESS_FLAGS, VM_READ, VM_SHARED, VM_WRITE
 
 if TYPE_CHECKING:
@@ -82,3 +82,51 @@ def populate(mm: MmStruct, start: int, end: int, write: bool | None = None,
                 if not ignore_errors:
                     raise
                 return
+
+
+def follow_page(mm: MmStruct, addr: int) -> Any:
+    """The data buffer of the page mapped at ``addr``, or None (``follow_page``)."""
+    pmd = mm.pgtables.pmd_table(addr, False)
+    if pmd is None:
+        return None
+    me = pmd[(addr >> 21) & 511]
+    if me & _PAGE_PSE and me & _PAGE_PRESENT:
+        pfn = ((me & PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
+    else:
+        pte = mm.pgtables.get_pte(addr)
+        if not pte & _PAGE_PRESENT:
+            return None
+        pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
+    return mm.phys.mem_map[pfn].page_buffer(pfn)
+
+
+def access_user(mm: MmStruct, addr: int, n: int, write: bool, data: bytes = b"",
+                task: Any = None) -> bytes:
+    """Kernel-mode access to user memory: ``copy_from_user`` / ``copy_to_user``.
+
+    Faults are taken as kernel faults (no FAULT_FLAG_USER); anything that
+    would be a signal for a user access is EFAULT here, as a syscall that
+    touches a bad buffer reports. Writes ``data`` when ``write``; returns the
+    bytes read otherwise.
+    """
+    out = bytearray()
+    done = 0
+    with mm.lock:
+        while done < n:
+            a = addr + done
+            off = a & (PAGE_SIZE - 1)
+            chunk = min(n - done, PAGE_SIZE - off)
+            try:
+                faultin_page(mm, a, write, task)
+            except OSError as e:
+                raise_errno(errno.EFAULT if e.errno != errno.ENOMEM or
+                            mm.vmas.vma_lookup(a) is None else errno.ENOMEM)
+            buf = follow_page(mm, a)
+            if buf is None:  # raced with an unmap while a userfault slept
+                continue
+            if write:
+                buf[off:off + chunk] = data[done:done + chunk]
+            else:
+                out += buf[off:off + chunk]
+            done += chunk
+    return bytes(out)

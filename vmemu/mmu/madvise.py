@@ -105,16 +105,23 @@ def _check_dontneed_free(vma: Vma, advice: int) -> None:
         raise_errno(errno.EINVAL)
 
 
+def _relookup(mm: MmStruct, start: int, end: int) -> tuple[Vma, int]:
+    """Find the VMA again after a userfaultfd event dropped the mm lock; ENOMEM if gone."""
+    vma = mm.vmas.vma_lookup(start)
+    if vma is None:
+        raise_errno(errno.ENOMEM)
+    return vma, min(end, vma.vm_end)
+
+
 def _dontneed(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
     """Drop the pages of the range (``madvise_dontneed_single_vma``).
 
     Private anonymous memory reads back as zeros afterwards; shmem and
     private file mappings refault from the page cache.
     """
-    if vma.vm_flags & (VM_LOCKED | VM_PFNMAP) and advice != MADV_DONTNEED_LOCKED \
-            or vma.vm_flags & VM_PFNMAP:
-        raise_errno(errno.EINVAL)
-    mm.userfaultfd_remove(vma, start, end)
+    _check_dontneed_free(vma, advice)
+    if mm.userfaultfd_remove(vma, start, end):
+        vma, end = _relookup(mm, start, end)
     keep_wp = vma.vm_file is not None and bool(vma.vm_flags & VM_UFFD_WP)
     zap_page_range(mm, vma, start, end, keep_wp)
 
@@ -124,7 +131,8 @@ def _free(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
     _check_dontneed_free(vma, advice)
     if vma.vm_file is not None or vma.vm_flags & VM_SHARED:
         raise_errno(errno.EINVAL)
-    mm.userfaultfd_remove(vma, start, end)
+    if mm.userfaultfd_remove(vma, start, end):
+        vma, end = _relookup(mm, start, end)
     mm.lazyfree_range(vma, start, end)
 
 

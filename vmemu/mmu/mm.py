@@ -41,8 +41,14 @@ from vmemu.mmu.pgtable import (
     swp_entry_clean,
 )
 from vmemu.mmu.tlb import Tlb
-from vmemu.mmu.vma import VM_EXEC, VM_MAYWRITE, VM_READ, VM_WRITE, Vma, VmaTree
+from vmemu.mmu.vma import VM_EXEC, VM_MAYWRITE, VM_READ, VM_UFFD_FLAGS, VM_WRITE, Vma, VmaTree
 from vmemu.mmu.vmaops import DEFAULT_MAX_MAP_COUNT
+
+# Flags of a freshly faulted anonymous folio, computed once: IntFlag's ``|``
+# is a Python-level call, too slow for the fault path.
+_NEW_ANON_FOLIO_FLAGS = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
+_VM_FAULT_NONE = VmFault.NONE
+_VM_FAULT_ERROR = VmFault.error_mask()
 
 # Where top-down mmap placement starts (mm->mmap_base), without ASLR.
 DEFAULT_MMAP_BASE = 0x7F0000000000
@@ -84,6 +90,9 @@ class MmStruct:
         self.dead = False
         self.owner: Any = None
         self.extra_madvise: dict[int, Any] = {}
+        self.uf_unmap: list[Any] = []  # (ctx, start, end) awaiting UNMAP events
+        self.fork_ctxs: dict[int, Any] = {}  # parent ctx id -> (parent, child) during fork
+        self.def_flags = 0  # VM_LOCKED[ONFAULT] after mlockall(MCL_FUTURE) (mm->def_flags)
         phys.mms.append(self)
 
     # -- physical pages --------------------------------------------------------
@@ -93,10 +102,12 @@ class MmStruct:
         folio = self.phys.alloc_folio(0)
         if folio is None:
             return None
-        av = anon_vma_prepare(vma)
-        folio.flags = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
+        av = vma.anon_vma
+        if av is None:
+            av = anon_vma_prepare(vma)
+        folio.flags = _NEW_ANON_FOLIO_FLAGS
         folio.mapping = av
-        folio.index = vma.linear_page_index(addr)
+        folio.index = vma.vm_pgoff + ((addr - vma.vm_start) >> PAGE_SHIFT)  # linear_page_index
         folio.mapcount = 1
         return folio
 
@@ -169,18 +180,79 @@ class MmStruct:
 
     # -- userfaultfd hooks (the uffd layer attaches contexts to VMAs) ----------
 
-    def userfaultfd_remove(self, vma: Vma, start: int, end: int) -> None:
-        """Tell ``vma``'s userfaultfd that pages are being dropped (``userfaultfd_remove``)."""
+    def userfaultfd_remove(self, vma: Vma, start: int, end: int) -> bool:
+        """Tell ``vma``'s userfaultfd that pages are being dropped (``userfaultfd_remove``).
+
+        Returns True when an event was raised: the mm lock was dropped while
+        the monitor read it, so the caller must look the VMA up again.
+        """
         ctx = vma.vm_userfaultfd_ctx
-        if ctx is not None:
-            ctx.event_remove(vma, start, end)
+        if ctx is None:
+            return False
+        return bool(ctx.event_remove(start, end))
 
     def dup_userfaultfd(self, pvma: Vma, vma: Vma, child: MmStruct) -> bool:
         """Decide whether the child's ``vma`` keeps registration (``dup_userfaultfd``)."""
         ctx = pvma.vm_userfaultfd_ctx
         if ctx is None:
             return False
-        return bool(ctx.dup_vma(pvma, vma, child))
+        return bool(ctx.dup_vma(vma, child, child.fork_ctxs))
+
+    def dup_userfaultfd_complete(self, child: MmStruct) -> None:
+        """Raise the FORK events of a finished fork and wait for them (``dup_userfaultfd_complete``)."""
+        pending, child.fork_ctxs = child.fork_ctxs, {}
+        for parent_ctx, child_ctx in pending.values():
+            parent_ctx.event_fork(child_ctx)
+
+    def userfaultfd_unmap_prep(self, start: int, end: int) -> None:
+        """Note the contexts that must hear of an unmap of ``[start, end)`` (``userfaultfd_unmap_prep``)."""
+        for vma in self.vmas.overlapping(start, end):
+            ctx = vma.vm_userfaultfd_ctx
+            if ctx is not None:
+                ctx.unmap_prep(self.uf_unmap, start, end)
+
+    def userfaultfd_unmap_complete(self) -> None:
+        """Deliver the UNMAP events a syscall collected, lock dropped (``userfaultfd_unmap_complete``)."""
+        pending, self.uf_unmap = self.uf_unmap, []
+        for ctx, start, end in pending:
+            ctx.event_unmap(start, end)
+
+    def mremap_uffd_prepare(self, vma: Vma, new_vma: Vma) -> Any:
+        """mremap moved ``vma``'s pages to ``new_vma`` (``mremap_userfaultfd_prep``).
+
+        Called with the mmap lock held, once per moved VMA, before its page
+        tables move. Does nothing and returns None when ``new_vma`` has no
+        ``vm_userfaultfd_ctx``. Otherwise asks ``ctx.mremap_prep(new_vma)``
+        (optional; assumed True when the context lacks it): True means the
+        context wants UFFD_EVENT_REMAP (it should bump ``mmap_changing`` now),
+        and the context is returned as the token that
+        :meth:`mremap_uffd_complete` or :meth:`mremap_uffd_fail` later gets.
+        False means EVENT_REMAP is off: the moved VMA loses its registration
+        (``userfaultfd_reset_ctx``), the move drops uffd-wp bits and markers,
+        and None is returned.
+        """
+        ctx = new_vma.vm_userfaultfd_ctx
+        if ctx is None:
+            return None
+        if ctx.mremap_prep(new_vma):
+            return ctx
+        new_vma.vm_userfaultfd_ctx = None
+        new_vma.vm_flags &= ~VM_UFFD_FLAGS
+        return None
+
+    def mremap_uffd_complete(self, token: Any, from_: int, to: int, length: int) -> None:
+        """Deliver UFFD_EVENT_REMAP(from, to, len) (``mremap_userfaultfd_complete``).
+
+        Called after the mmap lock is released, with a token returned by
+        :meth:`mremap_uffd_prepare`; calls ``token.event_remap(from_, to, length)``.
+        """
+        if token is not None:
+            token.event_remap(from_, to, length)
+
+    def mremap_uffd_fail(self, token: Any) -> None:
+        """The mremap failed after prepare (``mremap_userfaultfd_fail``): ``token.mremap_fail()``."""
+        if token is not None:
+            token.mremap_fail()
 
     # -- lazily freed anonymous memory -------------------------------------------
 
@@ -223,13 +295,19 @@ class MmStruct:
         """mmap(2); see :func:`vmemu.mmu.mmap.do_mmap`."""
         from vmemu.mmu.mmap import do_mmap
 
-        return do_mmap(self, addr, length, prot, flags, file, offset)
+        try:
+            return do_mmap(self, addr, length, prot, flags, file, offset)
+        finally:
+            self.userfaultfd_unmap_complete()
 
     def munmap(self, addr: int, length: int) -> None:
         """munmap(2); see :func:`vmemu.mmu.mmap.do_munmap`."""
         from vmemu.mmu.mmap import check_munmap_args, do_munmap
 
-        do_munmap(self, addr, check_munmap_args(addr, length))
+        try:
+            do_munmap(self, addr, check_munmap_args(addr, length))
+        finally:
+            self.userfaultfd_unmap_complete()
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
         """mprotect(2); see :func:`vmemu.mmu.mprotect.do_mprotect`."""
@@ -243,6 +321,28 @@ class MmStruct:
 
         do_madvise(self, addr, length, advice)
 
+    def mremap(self, old_addr: int, old_len: int, new_len: int, flags: int = 0,
+               new_addr: int = 0) -> int:
+        """mremap(2); see :func:`vmemu.mmu.mremap.do_mremap`."""
+        from vmemu.mmu.mremap import do_mremap
+
+        try:
+            return do_mremap(self, old_addr, old_len, new_len, flags, new_addr)
+        finally:
+            self.userfaultfd_unmap_complete()
+
+    def mlock(self, addr: int, length: int, flags: int = 0) -> None:
+        """mlock2(2) (mlock(2) with ``flags=0``); see :func:`vmemu.mmu.mlock.do_mlock`."""
+        from vmemu.mmu.mlock import do_mlock
+
+        do_mlock(self, addr, length, flags)
+
+    def munlock(self, addr: int, length: int) -> None:
+        """munlock(2); see :func:`vmemu.mmu.mlock.do_munlock`."""
+        from vmemu.mmu.mlock import do_munlock
+
+        do_munlock(self, addr, length)
+
     def populate(self, start: int, end: int, write: bool | None = None,
                  ignore_errors: bool = False) -> None:
         """Fault in a range on the kernel's behalf (``mm_populate``)."""
@@ -250,11 +350,16 @@ class MmStruct:
 
         populate(self, start, end, write, ignore_errors)
 
-    def fork(self) -> MmStruct:
-        """A copy-on-write duplicate of this address space (``dup_mm``)."""
+    def fork(self, child: MmStruct | None = None) -> MmStruct:
+        """Fill ``child`` (or a new mm) with a copy-on-write duplicate of this one (``dup_mm``).
+
+        FORK events are raised separately, once the child exists, by
+        :meth:`dup_userfaultfd_complete`.
+        """
         from vmemu.mmu.fork import dup_mmap
 
-        child = MmStruct(self.phys, self.mmap_base)
+        if child is None:
+            child = MmStruct(self.phys, self.mmap_base)
         child.max_map_count = self.max_map_count
         child.extra_madvise = dict(self.extra_madvise)
         dup_mmap(self, child)
@@ -319,10 +424,16 @@ class MmStruct:
         if not 0 <= addr < TASK_SIZE:
             raise Sigsegv(SEGV_MAPERR, addr)
         mem_map = self.phys.mem_map
+        pgd = self.pgtables.pgd
         with self.lock:
             for _ in range(MAX_FAULT_RETRIES):
-                pmd = self.pgtables.pmd_table(addr, False)
-                if pmd is not None:
+                # the hardware walk down to the PMD (pmd_table(addr, False), inlined:
+                # this runs twice on every fault and once on every TLB miss)
+                e = pgd[(addr >> 39) & 511]
+                if e:
+                    e = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(addr >> 30) & 511]
+                if e:
+                    pmd = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
                     e = pmd[(addr >> 21) & 511]
                     if e & _PAGE_PRESENT:
                         if e & _PAGE_PSE:
@@ -346,7 +457,7 @@ class MmStruct:
                                           bool(pte & _PAGE_RW and pte & _PAGE_DIRTY))
                             return buf
                 fault = self._do_user_addr_fault(addr, write, task)
-                if fault & VmFault.error_mask():
+                if fault is not _VM_FAULT_NONE and fault & _VM_FAULT_ERROR:
                     raise fault_to_signal(fault, addr)
             raise AssertionError(f"fault at {addr:#x} retried {MAX_FAULT_RETRIES} times")
 

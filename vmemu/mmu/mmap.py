@@ -151,7 +151,7 @@ def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int,
         raise_errno(errno.EINVAL, "MAP_SHARED or MAP_PRIVATE required")
     if shared and flags & MAP_GROWSDOWN:
         raise_errno(errno.EINVAL)
-    vm_flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+    vm_flags = calc_vm_prot_bits(prot) | mm.def_flags | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
     if file is not None:
         vm_flags = mm.file_vm_flags(file, vm_flags, shared)
     if shared:
@@ -203,6 +203,7 @@ def do_munmap(mm: MmStruct, start: int, length: int) -> None:
         if not vmas:
             return
         first, last = vmas[0], vmas[-1]
+        mm.userfaultfd_unmap_prep(start, end)
         if first.vm_start < start < end < first.vm_end and len(mm.vmas) >= mm.max_map_count:
             raise_errno(errno.ENOMEM, "max_map_count")  # vms_gather_munmap_vmas
         if first.vm_start < start:

@@ -29,6 +29,7 @@ class ReadinessFd:
         self._rfd = -1
         self._wfd = -1
         self._closed = False
+        self._closed_write = False
 
     @property
     def kind(self) -> str:
@@ -57,12 +58,31 @@ class ReadinessFd:
             if ready == self._ready:
                 return
             self._ready = ready
-            if self._rfd < 0 or self._closed:
+            if self._rfd < 0 or self._closed or self._closed_write:
                 return
             if ready:
                 self._signal()
             else:
                 self._drain()
+
+    def hang_up(self) -> None:
+        """Report end of file: poll gives POLLHUP from now on (pipe mode closes its write end).
+
+        An eventfd cannot hang up, so in eventfd mode the fd just stays readable.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            if self._rfd < 0:
+                self._open()
+            if self._prefer_eventfd:
+                if not self._ready:
+                    self._signal()
+            elif self._wfd >= 0:
+                os.close(self._wfd)
+                self._wfd = -1
+            self._ready = True
+            self._closed_write = True
 
     def close(self) -> None:
         """Close the descriptor(s); later `set_ready` calls are only recorded."""

@@ -1,0 +1,144 @@
+"""Delivering page faults to userland: ``handle_userfault`` (``fs/userfaultfd.c``).
+
+A fault in a registered range becomes a ``uffd_msg`` on the context's
+*pending* queue; ``read()`` moves it to the *read* queue. The faulting task
+sleeps (with the mm lock dropped, as the kernel drops ``mmap_lock``) until
+an ioctl wakes the range that contains its fault address, or the uffd is
+released; then the fault returns ``VM_FAULT_RETRY`` and the access is
+retried from the top, so a wake without a resolution simply faults again
+and queues a new message. A message still unread when its task wakes is
+withdrawn, as the kernel does when it takes the waiter off the queue.
+
+Before sleeping the task re-checks the page table (``userfaultfd_must_wait``):
+if the fault was resolved between the walk and the queueing, it does not
+sleep at all.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from vmemu.constants import PAGE_SHIFT
+from vmemu.errors import VmFault
+from vmemu.mmu.memory import FAULT_FLAG_USER, FAULT_FLAG_WRITE, VmFaultInfo
+from vmemu.mmu.pgtable import (
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_UFFD_WP,
+    is_uffd_wp_marker,
+)
+from vmemu.mmu.vma import VM_HUGETLB, VM_UFFD_MINOR, VM_UFFD_WP
+from vmemu.uffd.uapi import (
+    UFFD_FEATURE_EXACT_ADDRESS,
+    UFFD_FEATURE_SIGBUS,
+    UFFD_FEATURE_THREAD_ID,
+    UFFD_PAGEFAULT_FLAG_MINOR,
+    UFFD_PAGEFAULT_FLAG_WP,
+    UFFD_PAGEFAULT_FLAG_WRITE,
+    UFFD_USER_MODE_ONLY,
+    PagefaultMsg,
+)
+
+if TYPE_CHECKING:
+    from vmemu.uffd.ctx import Userfaultfd
+
+
+@attrs.define(eq=False, slots=True)
+class UserfaultWait:
+    """A task waiting for its fault to be resolved (``struct userfaultfd_wait_queue``)."""
+
+    msg: PagefaultMsg
+    task: Any
+    waken: bool = False
+    where: str = "pending"  # "pending" -> "read" -> "" (off both queues)
+
+
+def userfault_msg(vmf: VmFaultInfo, reason: int, features: int, huge_mask: int) -> PagefaultMsg:
+    """Build the message for a fault (``userfault_msg``)."""
+    flags = 0
+    if vmf.flags & FAULT_FLAG_WRITE:
+        flags |= UFFD_PAGEFAULT_FLAG_WRITE
+    if reason & VM_UFFD_WP:
+        flags |= UFFD_PAGEFAULT_FLAG_WP
+    if reason & VM_UFFD_MINOR:
+        flags |= UFFD_PAGEFAULT_FLAG_MINOR
+    if features & UFFD_FEATURE_EXACT_ADDRESS:
+        address = vmf.real_address
+    else:
+        address = vmf.real_address & ~huge_mask
+    ptid = 0
+    if features & UFFD_FEATURE_THREAD_ID and vmf.task is not None:
+        ptid = int(getattr(vmf.task, "tid", 0))
+    return PagefaultMsg(flags, address, ptid)
+
+
+def userfaultfd_must_wait(mm: Any, address: int, reason: int) -> bool:
+    """True while the fault is still unresolved in the page table (``userfaultfd_must_wait``)."""
+    pmd = mm.pgtables.pmd_table(address, False)
+    if pmd is None:
+        return True
+    me = pmd[(address >> 21) & 511]
+    if not me:
+        return True
+    if me & _PAGE_PSE:
+        pte = me
+    else:
+        pte = mm.pgtables.get_pte(address)
+    if pte == 0 or is_uffd_wp_marker(pte):
+        return True
+    if reason & VM_UFFD_WP and pte & (_PAGE_PRESENT | _PAGE_PROTNONE) and not pte & _PAGE_RW:
+        return bool(pte & _PAGE_UFFD_WP)
+    return False
+
+
+def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault:
+    """Queue a fault message and sleep until the range is woken (``handle_userfault``)."""
+    if ctx.released:
+        return VmFault.NOPAGE
+    if ctx.features & UFFD_FEATURE_SIGBUS:
+        return VmFault.SIGBUS
+    if not vmf.flags & FAULT_FLAG_USER and ctx.flags & UFFD_USER_MODE_ONLY:
+        return VmFault.SIGBUS
+    huge_mask = (1 << PAGE_SHIFT) - 1
+    if vmf.vma.vm_flags & VM_HUGETLB:
+        huge_mask = vmf.vma.vm_file.huge_size - 1 if hasattr(vmf.vma.vm_file, "huge_size") \
+            else (1 << 21) - 1
+    uwq = UserfaultWait(userfault_msg(vmf, reason, ctx.features, huge_mask), vmf.task)
+    mm = ctx.mm
+    ctx.trace("userfault", addr=uwq.msg.address, flags=uwq.msg.flags)
+    with ctx.lock:
+        ctx.fault_pending.append(uwq)
+        ctx.stat_faults += 1
+    if not userfaultfd_must_wait(mm, vmf.address, reason):
+        ctx.dequeue(uwq)
+        return VmFault.RETRY
+    ctx.notify_readers()
+    with mm_lock_dropped(mm):
+        ctx.fault_wq.wait_event(lambda: uwq.waken or ctx.released, key=uwq.msg.address,
+                                reason=f"userfault at {uwq.msg.address:#x}")
+    ctx.dequeue(uwq)
+    return VmFault.RETRY
+
+
+class mm_lock_dropped:  # noqa: N801 - reads as the kernel's mmap_read_unlock ... lock pair
+    """Release the mm lock completely while sleeping, then take it back (``mmap_read_unlock``)."""
+
+    def __init__(self, mm: Any) -> None:
+        self.lock = mm.lock
+        self.saved: Any = None
+
+    def __enter__(self) -> None:
+        release = getattr(self.lock, "_release_save", None)
+        if release is not None:
+            try:
+                self.saved = release()
+            except RuntimeError:  # not held by this thread
+                self.saved = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            self.lock._acquire_restore(self.saved)

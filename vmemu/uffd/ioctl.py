@@ -1,0 +1,252 @@
+"""The ioctl dispatcher of a userfaultfd (``userfaultfd_ioctl`` in ``fs/userfaultfd.c``).
+
+Each handler takes the uABI struct, validates it in the kernel's order and
+writes output fields back exactly when the kernel does: the
+``copy``/``zeropage``/``mapped``/``updated``/``move`` field gets ``-EAGAIN``
+when a non-cooperative event is unread (before any validation), bytes done
+or ``-errno`` after the operation ran, and is left untouched by a
+validation failure. Partial progress is EAGAIN with the bytes done in the
+field; a successful call wakes the done range unless asked not to.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from vmemu.errors import errno_error
+from vmemu.mmu.vma import VM_HUGETLB
+from vmemu.uffd import uapi
+from vmemu.uffd.mfill import MfillError, MfillMode, mfill_atomic
+from vmemu.uffd.move import move_pages
+from vmemu.uffd.register import register, unregister, validate_range
+from vmemu.uffd.wp import mwriteprotect_range
+
+if TYPE_CHECKING:
+    from vmemu.uffd.ctx import Userfaultfd
+
+
+def _fail(err: int, arg: Any) -> None:
+    e = errno_error(err)
+    e.struct = arg  # type: ignore[attr-defined]
+    raise e
+
+
+def _finish(ctx: Userfaultfd, arg: Any, field: str, start: int, length: int, dontwake: bool,
+            run: Any) -> None:
+    """Run an mfill-style operation and apply the output-field and wake rules."""
+    if ctx.mm.dead:
+        _fail(errno.ESRCH, arg)
+    try:
+        done = run()
+    except MfillError as e:
+        setattr(arg, field, -e.errno)
+        _fail(e.errno, arg)
+    setattr(arg, field, done)
+    if not dontwake:
+        ctx.wake_range(start, done)
+    if done != length:
+        _fail(errno.EAGAIN, arg)
+
+
+def _changing(ctx: Userfaultfd, arg: Any, field: str) -> bool:
+    if ctx.mmap_changing:
+        setattr(arg, field, -errno.EAGAIN)
+        _fail(errno.EAGAIN, arg)
+    return False
+
+
+def _hugetlb_dst(ctx: Userfaultfd, dst: int) -> Any:
+    vma = ctx.mm.vmas.vma_lookup(dst)
+    return vma if vma is not None and vma.vm_flags & VM_HUGETLB else None
+
+
+def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy) -> None:
+    """UFFDIO_COPY (``userfaultfd_copy``)."""
+    _changing(ctx, arg, "copy")
+    if arg.src + arg.len <= arg.src or arg.src + arg.len >= 1 << 64:
+        _fail(errno.EINVAL, arg)
+    try:
+        validate_range(arg.dst, arg.len)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
+    if arg.mode & ~(uapi.UFFDIO_COPY_MODE_DONTWAKE | uapi.UFFDIO_COPY_MODE_WP):
+        _fail(errno.EINVAL, arg)
+    wp = bool(arg.mode & uapi.UFFDIO_COPY_MODE_WP)
+    huge = _hugetlb_dst(ctx, arg.dst)
+    if huge is not None:
+        run = (lambda: ctx.kernel.mfill_atomic_hugetlb(ctx, huge, arg.dst, arg.src, arg.len,
+                                                         MfillMode.COPY, wp))
+    else:
+        run = (lambda: mfill_atomic(ctx, arg.dst, arg.src, arg.len, MfillMode.COPY, wp))
+    _finish(ctx, arg, "copy", arg.dst, arg.len, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
+            run)
+
+
+def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage) -> None:
+    """UFFDIO_ZEROPAGE (``userfaultfd_zeropage``): EINVAL on hugetlb."""
+    _changing(ctx, arg, "zeropage")
+    r = arg.range
+    try:
+        validate_range(r.start, r.len)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
+    if arg.mode & ~uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE:
+        _fail(errno.EINVAL, arg)
+
+    def run() -> int:
+        if _hugetlb_dst(ctx, r.start) is not None:
+            raise MfillError(errno.EINVAL)
+        return mfill_atomic(ctx, r.start, 0, r.len, MfillMode.ZEROPAGE, False)
+
+    _finish(ctx, arg, "zeropage", r.start, r.len,
+            bool(arg.mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE), run)
+
+
+def uffdio_continue(ctx: Userfaultfd, arg: uapi.uffdio_continue) -> None:
+    """UFFDIO_CONTINUE (``userfaultfd_continue``): map what the page cache already holds."""
+    _changing(ctx, arg, "mapped")
+    r = arg.range
+    try:
+        validate_range(r.start, r.len)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
+    if arg.mode & ~(uapi.UFFDIO_CONTINUE_MODE_DONTWAKE | uapi.UFFDIO_CONTINUE_MODE_WP):
+        _fail(errno.EINVAL, arg)
+    wp = bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_WP)
+    huge = _hugetlb_dst(ctx, r.start)
+    if huge is not None:
+        run = (lambda: ctx.kernel.mfill_atomic_hugetlb(ctx, huge, r.start, 0, r.len,
+                                                         MfillMode.CONTINUE, wp))
+    else:
+        run = (lambda: mfill_atomic(ctx, r.start, 0, r.len, MfillMode.CONTINUE, wp))
+    _finish(ctx, arg, "mapped", r.start, r.len,
+            bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE), run)
+
+
+def uffdio_poison(ctx: Userfaultfd, arg: uapi.uffdio_poison) -> None:
+    """UFFDIO_POISON (``userfaultfd_poison``): later accesses raise SIGBUS."""
+    _changing(ctx, arg, "updated")
+    r = arg.range
+    try:
+        validate_range(r.start, r.len)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
+    if arg.mode & ~uapi.UFFDIO_POISON_MODE_DONTWAKE:
+        _fail(errno.EINVAL, arg)
+    huge = _hugetlb_dst(ctx, r.start)
+    if huge is not None:
+        run = (lambda: ctx.kernel.mfill_atomic_hugetlb(ctx, huge, r.start, 0, r.len,
+                                                         MfillMode.POISON, False))
+    else:
+        run = (lambda: mfill_atomic(ctx, r.start, 0, r.len, MfillMode.POISON, False))
+    _finish(ctx, arg, "updated", r.start, r.len,
+            bool(arg.mode & uapi.UFFDIO_POISON_MODE_DONTWAKE), run)
+
+
+def uffdio_move(ctx: Userfaultfd, arg: uapi.uffdio_move, caller_mm: Any) -> None:
+    """UFFDIO_MOVE (``userfaultfd_move``): same-mm only."""
+    _changing(ctx, arg, "move")
+    if caller_mm is not ctx.mm:
+        _fail(errno.EINVAL, arg)
+    for start in (arg.dst, arg.src):
+        try:
+            validate_range(start, arg.len)
+        except OSError as e:
+            _fail(e.errno or errno.EINVAL, arg)
+    if arg.mode & ~(uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | uapi.UFFDIO_MOVE_MODE_DONTWAKE):
+        _fail(errno.EINVAL, arg)
+    _finish(ctx, arg, "move", arg.dst, arg.len,
+            bool(arg.mode & uapi.UFFDIO_MOVE_MODE_DONTWAKE),
+            lambda: move_pages(ctx, arg.dst, arg.src, arg.len, arg.mode))
+
+
+def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect) -> None:
+    """UFFDIO_WRITEPROTECT (``userfaultfd_writeprotect``)."""
+    if ctx.mmap_changing:
+        _fail(errno.EAGAIN, arg)
+    r = arg.range
+    try:
+        validate_range(r.start, r.len)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
+    mode = arg.mode
+    if mode & ~(uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE | uapi.UFFDIO_WRITEPROTECT_MODE_WP):
+        _fail(errno.EINVAL, arg)
+    wp = bool(mode & uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+    dontwake = bool(mode & uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE)
+    if wp and dontwake:
+        _fail(errno.EINVAL, arg)
+    if ctx.mm.dead:
+        _fail(errno.ESRCH, arg)
+    try:
+        mwriteprotect_range(ctx, r.start, r.len, wp)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
+    if not wp and not dontwake:
+        ctx.wake_range(r.start, r.len)
+
+
+def dispatch(ctx: Userfaultfd, cmd: int, arg: Any, caller_mm: Any) -> Any:
+    """Route an ioctl by its full command number; unknown ones are EINVAL."""
+    from vmemu.uffd.ctx import UffdState
+
+    if cmd == uapi.UFFDIO_API:
+        _expect(arg, uapi.uffdio_api)
+        try:
+            ctx._do_api(arg)
+        except OSError as e:
+            e.struct = arg  # type: ignore[attr-defined]
+            raise
+        return arg
+    if ctx.state is not UffdState.RUNNING:
+        _fail(errno.EINVAL, arg)
+    handler = _HANDLERS.get(cmd)
+    if handler is None:
+        _fail(errno.EINVAL, arg)
+    assert handler is not None
+    _expect(arg, handler[0])
+    handler[1](ctx, arg, caller_mm)
+    return arg
+
+
+def _expect(arg: Any, cls: type) -> None:
+    if not isinstance(arg, cls):
+        raise TypeError(f"this ioctl takes a {cls.__name__}, not {type(arg).__name__}")
+
+
+def _register(ctx: Userfaultfd, arg: uapi.uffdio_register, _mm: Any) -> None:
+    try:
+        arg.ioctls = register(ctx, arg.range.start, arg.range.len, arg.mode)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
+
+
+def _unregister(ctx: Userfaultfd, arg: uapi.uffdio_range, _mm: Any) -> None:
+    try:
+        unregister(ctx, arg.start, arg.len)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
+
+
+def _wake(ctx: Userfaultfd, arg: uapi.uffdio_range, _mm: Any) -> None:
+    try:
+        validate_range(arg.start, arg.len)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
+    ctx.wake_range(arg.start, arg.len)
+
+
+_HANDLERS: dict[int, tuple[type, Any]] = {
+    uapi.UFFDIO_REGISTER: (uapi.uffdio_register, _register),
+    uapi.UFFDIO_UNREGISTER: (uapi.uffdio_range, _unregister),
+    uapi.UFFDIO_WAKE: (uapi.uffdio_range, _wake),
+    uapi.UFFDIO_COPY: (uapi.uffdio_copy, lambda c, a, m: uffdio_copy(c, a)),
+    uapi.UFFDIO_ZEROPAGE: (uapi.uffdio_zeropage, lambda c, a, m: uffdio_zeropage(c, a)),
+    uapi.UFFDIO_MOVE: (uapi.uffdio_move, uffdio_move),
+    uapi.UFFDIO_WRITEPROTECT: (uapi.uffdio_writeprotect,
+                               lambda c, a, m: uffdio_writeprotect(c, a)),
+    uapi.UFFDIO_CONTINUE: (uapi.uffdio_continue, lambda c, a, m: uffdio_continue(c, a)),
+    uapi.UFFDIO_POISON: (uapi.uffdio_poison, lambda c, a, m: uffdio_poison(c, a)),
+}
+

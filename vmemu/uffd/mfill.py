@@ -1,0 +1,217 @@
+"""Resolving faults by filling pages: COPY, ZEROPAGE, CONTINUE, POISON (``mm/userfaultfd.c``).
+
+All four go through ``mfill_atomic``: find the destination VMA (the whole
+range must sit in one registered VMA, else ENOENT), then page by page
+prepare the page and install it with ``mfill_atomic_install_pte``, which
+refuses (EEXIST) a PTE that is not empty - a uffd-wp marker counts as
+empty except for ZEROPAGE and POISON, which want ``pte_none``. The call
+returns the bytes done; the ioctl layer turns a short count into EAGAIN.
+
+COPY reads its source *before* looking at the destination, like the
+kernel's ``copy_from_user`` into a fresh folio: a source that is itself a
+registered missing page takes a userfault (the ioctl sleeps), a source in a
+hole is EFAULT.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from typing import TYPE_CHECKING, Any
+
+from vmemu.constants import PAGE_SHIFT, PAGE_SIZE
+from vmemu.mmu.folio import PG
+from vmemu.mmu.gup import access_user
+from vmemu.mmu.memory import anon_vma_prepare, vm_get_page_prot
+from vmemu.mmu.pgtable import (
+    _PAGE_DIRTY,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SPECIAL,
+    _PAGE_UFFD_WP,
+    POISON_MARKER,
+    is_uffd_wp_marker,
+)
+from vmemu.mmu.vma import VM_HUGETLB, VM_SHARED, VM_UFFD_WP, VM_WRITE, Vma
+
+if TYPE_CHECKING:
+    from vmemu.uffd.ctx import Userfaultfd
+
+
+class MfillMode(enum.Enum):
+    """What ``mfill_atomic`` installs (``enum mfill_atomic_mode``)."""
+
+    COPY = "copy"
+    ZEROPAGE = "zeropage"
+    CONTINUE = "continue"
+    POISON = "poison"
+
+
+class MfillError(Exception):
+    """A per-page failure inside ``mfill_atomic``; carries the errno."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err)
+        self.errno = err
+
+
+def _pte_slot(mm: Any, addr: int) -> tuple[list[int], int]:
+    """The PTE table and index for ``addr``, allocating tables; EEXIST under a huge PMD."""
+    pmd = mm.pgtables.pmd_table(addr, True)
+    me = pmd[(addr >> 21) & 511]
+    if me & _PAGE_PSE:
+        raise MfillError(errno.EEXIST)
+    table = mm.pgtables.pte_table(addr, True)
+    if table is None:
+        raise MfillError(errno.EEXIST)
+    return table, (addr >> PAGE_SHIFT) & 511
+
+
+def install_pte(mm: Any, vma: Vma, addr: int, folio: Any, in_cache: bool, wp: bool) -> None:
+    """Map ``folio`` at ``addr`` if the PTE is empty (``mfill_atomic_install_pte``)."""
+    table, idx = _pte_slot(mm, addr)
+    cur = table[idx]
+    if cur and not is_uffd_wp_marker(cur):
+        raise MfillError(errno.EEXIST)
+    pte = (folio.pfn << PAGE_SHIFT) | vm_get_page_prot(vma.vm_flags) | _PAGE_DIRTY \
+        | _PAGE_SOFT_DIRTY
+    writable = bool(vma.vm_flags & VM_WRITE)
+    if in_cache and not vma.vm_flags & VM_SHARED:
+        writable = False
+    pte = pte | _PAGE_RW if writable else pte & ~_PAGE_RW
+    if wp:
+        pte = (pte | _PAGE_UFFD_WP) & ~_PAGE_RW
+    folio.mapcount += 1
+    if in_cache:
+        folio.refcount += 1
+    table[idx] = pte
+    mm.tlb.flush_page(addr)
+
+
+def _new_anon_folio(mm: Any, vma: Vma, addr: int, data: bytes | None) -> Any:
+    folio = mm.phys.alloc_folio(0)
+    if folio is None:
+        raise MfillError(errno.ENOMEM)
+    if data is not None:
+        folio.data[:] = data
+    folio.flags = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
+    folio.mapping = anon_vma_prepare(vma)
+    folio.index = vma.linear_page_index(addr)
+    folio.mapcount = 0
+    return folio
+
+
+def _put_unmapped(mm: Any, folio: Any) -> None:
+    folio.mapcount = 0
+    mm.phys.folio_put(folio)
+
+
+def mfill_pte(ctx: Userfaultfd, vma: Vma, addr: int, mode: MfillMode, wp: bool,
+              data: bytes | None) -> None:
+    """Fill one page (``mfill_atomic_pte``)."""
+    mm = ctx.mm
+    shared = bool(vma.vm_flags & VM_SHARED)
+    inode = vma.vm_file
+    if mode is MfillMode.CONTINUE:
+        index = vma.linear_page_index(addr)
+        if index >= inode.nr_pages_size:
+            raise MfillError(errno.EINVAL)
+        folio = inode.find_folio(index)
+        if folio is None:
+            raise MfillError(errno.EFAULT)
+        if folio.flags & PG.hwpoison:
+            raise MfillError(errno.EIO)
+        install_pte(mm, vma, addr, folio, True, wp)
+        return
+    if mode is MfillMode.POISON:
+        table, idx = _pte_slot(mm, addr)
+        if inode is not None and vma.linear_page_index(addr) >= inode.nr_pages_size:
+            raise MfillError(errno.EFAULT)
+        if table[idx]:
+            raise MfillError(errno.EEXIST)
+        table[idx] = POISON_MARKER
+        mm.tlb.flush_page(addr)
+        return
+    if inode is None or not shared:
+        if mode is MfillMode.ZEROPAGE:
+            table, idx = _pte_slot(mm, addr)
+            if table[idx]:
+                raise MfillError(errno.EEXIST)
+            table[idx] = (mm.phys.zero_pfn << PAGE_SHIFT) | vm_get_page_prot(vma.vm_flags) \
+                | _PAGE_SPECIAL
+            return
+        folio = _new_anon_folio(mm, vma, addr, data)
+        try:
+            install_pte(mm, vma, addr, folio, False, wp)
+        except MfillError:
+            _put_unmapped(mm, folio)
+            raise
+        return
+    # shared shmem: the new page goes into the page cache (shmem_mfill_atomic_pte)
+    index = vma.linear_page_index(addr)
+    if index >= inode.nr_pages_size:
+        raise MfillError(errno.EFAULT)
+    if inode.find_folio(index) is not None:
+        raise MfillError(errno.EEXIST)
+    folio = inode.get_folio(index)
+    if folio is None:
+        raise MfillError(errno.ENOMEM)
+    if data is not None:
+        folio.data[:] = data
+    folio.flags |= PG.dirty
+    try:
+        install_pte(mm, vma, addr, folio, True, wp)
+    except MfillError:
+        inode.remove_folio(index)
+        raise
+
+
+def mfill_atomic(ctx: Userfaultfd, dst: int, src: int, length: int, mode: MfillMode,
+                 wp: bool) -> int:
+    """Fill ``[dst, dst+len)``; returns bytes done or raises ``MfillError`` (``mfill_atomic``).
+
+    The destination VMA is checked first, then (for COPY) the source page is
+    read with faults enabled and no mm lock held, then the VMA is looked up
+    again - it may have changed while a source userfault slept - and the
+    page installed.
+    """
+    mm = ctx.mm
+    done = 0
+    while done < length:
+        addr = dst + done
+        data = None
+        try:
+            if mode is MfillMode.COPY:
+                with mm.lock:
+                    _dst_vma(ctx, dst, length, mode, wp)
+                try:
+                    data = access_user(mm, src + done, PAGE_SIZE, False)
+                except OSError as e:
+                    raise MfillError(e.errno or errno.EFAULT) from None
+            with mm.lock:
+                vma = _dst_vma(ctx, dst, length, mode, wp)
+                mfill_pte(ctx, vma, addr, mode, wp, data)
+        except MfillError:
+            if done:
+                return done
+            raise
+        done += PAGE_SIZE
+    return done
+
+
+def _dst_vma(ctx: Userfaultfd, dst: int, length: int, mode: MfillMode, wp: bool) -> Vma:
+    """Find and check the destination VMA (``uffd_mfill_lock`` + the mfill_atomic checks)."""
+    mm = ctx.mm
+    vma = mm.vmas.vma_lookup(dst)
+    if vma is None or dst + length > vma.vm_end or vma.vm_userfaultfd_ctx is None:
+        raise MfillError(errno.ENOENT)
+    if ctx.mmap_changing:
+        raise MfillError(errno.EAGAIN)
+    if wp and not vma.vm_flags & VM_UFFD_WP:
+        raise MfillError(errno.EINVAL)
+    if vma.vm_flags & VM_HUGETLB:
+        raise MfillError(errno.EINVAL)  # handled by mfill_atomic_hugetlb before we get here
+    if mode is MfillMode.CONTINUE and vma.vm_file is None:
+        raise MfillError(errno.EINVAL)
+    return vma

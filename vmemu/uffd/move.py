@@ -1,0 +1,188 @@
+"""UFFDIO_MOVE: moving anonymous pages between addresses (``move_pages`` in ``mm/userfaultfd.c``).
+
+The heir of Arcangeli's ``remap_anon_pages``: instead of copying a page
+into the faulting range, the page table entry itself moves, and the folio's
+reverse map is re-rooted to the destination VMA. The rules are strict so a
+mistake cannot go unnoticed: the destination must be empty (EEXIST), the
+source must be present (ENOENT, unless UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, where
+holes count as moved), and the source page must belong to this process
+alone (EBUSY for a page still shared with a fork child, or pinned). Swap
+entries move without swap-in; the zero page moves as the zero page; a whole
+huge PMD moves in one step when both sides are 2 MiB aligned, otherwise it
+is split first.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from vmemu.constants import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
+from vmemu.mmu.folio import PG
+from vmemu.mmu.memory import anon_vma_prepare, vm_get_page_prot
+from vmemu.mmu.pgtable import (
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SPECIAL,
+    PTE_PFN_MASK,
+    is_real_swap_pte,
+    pte_swp_exclusive,
+)
+from vmemu.mmu.vma import (
+    VM_ACCESS_FLAGS,
+    VM_HUGETLB,
+    VM_IO,
+    VM_LOCKED,
+    VM_MIXEDMAP,
+    VM_PFNMAP,
+    VM_SHARED,
+    VM_WRITE,
+    Vma,
+)
+from vmemu.uffd.mfill import MfillError
+
+if TYPE_CHECKING:
+    from vmemu.uffd.ctx import Userfaultfd
+
+UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = 1 << 1
+
+
+def validate_move_areas(ctx: Userfaultfd, src_vma: Vma, dst_vma: Vma) -> None:
+    """EINVAL unless both VMAs may take part in a move (``validate_move_areas``)."""
+    if (src_vma.vm_flags & VM_ACCESS_FLAGS) != (dst_vma.vm_flags & VM_ACCESS_FLAGS) or \
+            vm_get_page_prot(src_vma.vm_flags) != vm_get_page_prot(dst_vma.vm_flags):
+        raise MfillError(errno.EINVAL)
+    if (src_vma.vm_flags & VM_LOCKED) != (dst_vma.vm_flags & VM_LOCKED):
+        raise MfillError(errno.EINVAL)
+    if not src_vma.vm_flags & VM_WRITE:
+        raise MfillError(errno.EINVAL)
+    bad = VM_PFNMAP | VM_IO | VM_HUGETLB | VM_MIXEDMAP
+    if src_vma.vm_flags & bad or dst_vma.vm_flags & bad:
+        raise MfillError(errno.EINVAL)
+    if dst_vma.vm_userfaultfd_ctx is not ctx:
+        raise MfillError(errno.EINVAL)
+    if src_vma.vm_file is not None or dst_vma.vm_file is not None:
+        raise MfillError(errno.EINVAL)
+
+
+def _pmd(mm: Any, addr: int, alloc: bool) -> tuple[list[int] | None, int]:
+    pmd = mm.pgtables.pmd_table(addr, alloc)
+    return pmd, (addr >> 21) & 511
+
+
+def _move_huge_pmd(mm: Any, src_vma: Vma, dst_vma: Vma, src_pmd: list[int], si: int,
+                   dst_pmd: list[int], di: int, dst: int) -> None:
+    """Move a whole PMD-mapped THP (``move_pages_huge_pmd``)."""
+    e = src_pmd[si]
+    folio = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+    if not folio.flags & PG.anon_exclusive:
+        raise MfillError(errno.EBUSY)
+    src_pmd[si] = 0
+    folio.mapping = anon_vma_prepare(dst_vma)
+    folio.index = dst_vma.linear_page_index(dst)
+    dst_pmd[di] = e | _PAGE_RW | _PAGE_SOFT_DIRTY
+    mm.tlb.flush_range(dst, dst + PMD_SIZE)
+
+
+def move_pte(mm: Any, src_vma: Vma, dst_vma: Vma, src: int, dst: int, mode: int) -> None:
+    """Move one PTE from ``src`` to ``dst`` (``move_pages_pte``)."""
+    src_tab = mm.pgtables.pte_table(src, True)
+    dst_tab = mm.pgtables.pte_table(dst, True)
+    if src_tab is None or dst_tab is None:
+        raise MfillError(errno.EEXIST)
+    si, di = (src >> PAGE_SHIFT) & 511, (dst >> PAGE_SHIFT) & 511
+    spte, dpte = src_tab[si], dst_tab[di]
+    if dpte:
+        raise MfillError(errno.EEXIST)
+    if not spte:
+        if not mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES:
+            raise MfillError(errno.ENOENT)
+        return
+    prot = vm_get_page_prot(dst_vma.vm_flags)
+    if spte & (_PAGE_PRESENT | _PAGE_PROTNONE):
+        pfn = (spte & PTE_PFN_MASK) >> PAGE_SHIFT
+        if spte & _PAGE_SPECIAL:
+            src_tab[si] = 0
+            dst_tab[di] = (pfn << PAGE_SHIFT) | prot | _PAGE_SPECIAL
+        else:
+            folio = mm.phys.mem_map[pfn]
+            if folio.order:
+                mm.split_huge_range(src_vma, src, src + PAGE_SIZE)
+                folio = mm.phys.mem_map[pfn]
+                if folio.order:
+                    raise MfillError(errno.EBUSY)
+            if not folio.flags & PG.anon_exclusive:
+                raise MfillError(errno.EBUSY)
+            src_tab[si] = 0
+            folio.mapping = anon_vma_prepare(dst_vma)
+            folio.index = dst_vma.linear_page_index(dst)
+            new = (pfn << PAGE_SHIFT) | prot | _PAGE_SOFT_DIRTY | (spte & _PAGE_DIRTY)
+            if dst_vma.vm_flags & VM_WRITE:
+                new |= _PAGE_RW
+            dst_tab[di] = new
+        mm.tlb.flush_page(src)
+        mm.tlb.flush_page(dst)
+        return
+    if not is_real_swap_pte(spte):
+        raise MfillError(errno.EFAULT)
+    if not pte_swp_exclusive(spte):
+        raise MfillError(errno.EBUSY)
+    mm.move_swap_pte(src_vma, dst_vma, src, dst, spte)
+    src_tab[si] = 0
+    dst_tab[di] = spte
+
+
+def move_pages(ctx: Userfaultfd, dst: int, src: int, length: int, mode: int) -> int:
+    """Move ``len`` bytes of pages from ``src`` to ``dst``; bytes moved (``move_pages``)."""
+    mm = ctx.mm
+    with mm.lock:
+        dst_vma = mm.vmas.vma_lookup(dst)
+        src_vma = mm.vmas.vma_lookup(src)
+        if dst_vma is None or src_vma is None:
+            raise MfillError(errno.ENOENT)
+        if ctx.mmap_changing:
+            raise MfillError(errno.EAGAIN)
+        if src_vma.vm_flags & VM_SHARED or src + length > src_vma.vm_end or \
+                dst_vma.vm_flags & VM_SHARED or dst + length > dst_vma.vm_end:
+            raise MfillError(errno.EINVAL)
+        validate_move_areas(ctx, src_vma, dst_vma)
+        anon_vma_prepare(dst_vma)
+        moved = 0
+        while moved < length:
+            s, d = src + moved, dst + moved
+            try:
+                step = _move_one(mm, src_vma, dst_vma, s, d, src + length, mode)
+            except MfillError:
+                if moved:
+                    return moved
+                raise
+            moved += step
+        return moved
+
+
+def _move_one(mm: Any, src_vma: Vma, dst_vma: Vma, s: int, d: int, src_end: int,
+              mode: int) -> int:
+    """One step of the ``move_pages`` loop: a PMD or a page; returns the bytes it covered."""
+    src_pmd, si = _pmd(mm, s, False)
+    if src_pmd is None or not src_pmd[si]:
+        if not mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES:
+            raise MfillError(errno.ENOENT)
+    dst_pmd, di = _pmd(mm, d, True)
+    assert dst_pmd is not None
+    if dst_pmd[di] & _PAGE_PSE:
+        raise MfillError(errno.EEXIST)
+    if src_pmd is not None and src_pmd[si] & _PAGE_PSE:
+        whole = not (s & (PMD_SIZE - 1)) and not (d & (PMD_SIZE - 1)) and s + PMD_SIZE <= src_end
+        if whole and not dst_pmd[di]:
+            _move_huge_pmd(mm, src_vma, dst_vma, src_pmd, si, dst_pmd, di, d)
+            return PMD_SIZE
+        folio = mm.phys.mem_map[(src_pmd[si] & PTE_PFN_MASK) >> PAGE_SHIFT]
+        if not folio.flags & PG.anon_exclusive:
+            raise MfillError(errno.EBUSY)
+        mm.split_huge_pmd_at(src_vma, s & ~(PMD_SIZE - 1))
+    move_pte(mm, src_vma, dst_vma, s, d, mode)
+    return PAGE_SIZE

@@ -1,0 +1,184 @@
+"""Userfaultfd write-protection: UFFDIO_WRITEPROTECT and the uffd-wp bit (``mm/userfaultfd.c``).
+
+Protecting sets the uffd-wp software bit on present PTEs (and clears RW),
+on swap entries (``_PAGE_SWP_UFFD_WP``), and puts a uffd-wp *marker* in
+empty PTEs of shmem/hugetlb mappings, and of anonymous ones when
+UFFD_FEATURE_WP_UNPOPULATED is on, so a later first touch still faults.
+Unprotecting clears all that, recomputes write permission as mprotect
+does, and wakes writers sleeping on the range unless asked not to.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from vmemu.constants import PAGE_SHIFT, PAGE_SIZE
+from vmemu.errors import raise_errno
+from vmemu.mmu.folio import PG
+from vmemu.mmu.memory import vm_get_page_prot
+from vmemu.mmu.pgtable import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SPECIAL,
+    _PAGE_SWP_UFFD_WP,
+    _PAGE_UFFD_WP,
+    PTE_PFN_MASK,
+    UFFD_WP_MARKER,
+    is_pte_marker,
+    is_uffd_wp_marker,
+)
+from vmemu.mmu.vma import VM_HUGETLB, VM_SHARED, VM_UFFD_WP, VM_WRITE, Vma
+
+if TYPE_CHECKING:
+    from vmemu.uffd.ctx import Userfaultfd
+
+_KEEP = PTE_PFN_MASK | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_SPECIAL
+
+
+def uffd_wp_range(mm: Any, vma: Vma, start: int, end: int, enable: bool,
+                  use_markers: bool) -> None:
+    """Set or clear uffd-wp on ``[start, end)`` of ``vma`` (``uffd_wp_range``)."""
+    mm.split_huge_range(vma, start, end)
+    if enable and use_markers:
+        addr = start
+        while addr < end:  # markers need tables to exist where nothing was ever mapped
+            table = mm.pgtables.pte_table(addr, True)
+            if table is not None:
+                for a in range(addr, min(end, (addr | ((1 << 21) - 1)) + 1), PAGE_SIZE):
+                    if table[(a >> PAGE_SHIFT) & 511] == 0:
+                        table[(a >> PAGE_SHIFT) & 511] = UFFD_WP_MARKER
+            addr = (addr | ((1 << 21) - 1)) + 1
+    prot = vm_get_page_prot(vma.vm_flags)
+    try_writable = bool(vma.vm_flags & VM_WRITE) and not vma.vm_flags & VM_SHARED
+    mem_map = mm.phys.mem_map
+    for _addr, table, lo, hi in mm.pgtables.iter_pte_tables(start, end):
+        for idx in range(lo, hi):
+            pte = table[idx]
+            if not pte:
+                continue
+            if pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
+                if enable:
+                    table[idx] = (pte | _PAGE_UFFD_WP) & ~_PAGE_RW
+                elif pte & _PAGE_UFFD_WP:
+                    new = (pte & _KEEP) | prot
+                    if try_writable and not new & (_PAGE_SPECIAL | _PAGE_RW):
+                        folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
+                        if folio.flags & PG.anon_exclusive:
+                            new |= _PAGE_RW
+                    table[idx] = new
+            elif is_pte_marker(pte):
+                if not enable and is_uffd_wp_marker(pte):
+                    table[idx] = 0
+            elif enable:
+                table[idx] = pte | _PAGE_SWP_UFFD_WP
+            else:
+                table[idx] = pte & ~_PAGE_SWP_UFFD_WP
+    mm.tlb.flush_range(start, end)
+
+
+def use_markers(ctx: Userfaultfd, vma: Vma) -> bool:
+    """Whether empty PTEs get uffd-wp markers (``userfaultfd_wp_use_markers``)."""
+    if vma.vm_file is None:
+        return ctx.wp_unpopulated
+    return True
+
+
+def mwriteprotect_range(ctx: Userfaultfd, start: int, length: int, enable: bool) -> None:
+    """Protect or unprotect every VMA of the range (``mwriteprotect_range``).
+
+    Stops with ENOENT at the first VMA not registered for WP (earlier VMAs
+    keep their new state, as in the kernel); EINVAL for a hugetlb VMA whose
+    page size the range does not respect.
+    """
+    mm = ctx.mm
+    end = start + length
+    with mm.lock:
+        if ctx.mmap_changing:
+            raise_errno(errno.EAGAIN)
+        vmas = mm.vmas.overlapping(start, end)
+        if not vmas:
+            raise_errno(errno.ENOENT)
+        for vma in vmas:
+            if not vma.vm_flags & VM_UFFD_WP:
+                raise_errno(errno.ENOENT)
+            if vma.vm_flags & VM_HUGETLB:
+                mask = int(getattr(vma.vm_file, "huge_size", 1 << 21)) - 1
+                if start & mask or length & mask:
+                    raise_errno(errno.EINVAL)
+            s, e = max(vma.vm_start, start), min(vma.vm_end, end)
+            uffd_wp_range(mm, vma, s, e, enable, use_markers(ctx, vma))
+
+
+@attrs.frozen
+class PageRegion:
+    """One run of pages reported by :func:`pagemap_scan` (``struct page_region``)."""
+
+    start: int
+    end: int
+    categories: int
+
+
+PAGE_IS_WPALLOWED = 1 << 0
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+
+
+def pagemap_scan(ctx: Userfaultfd, start: int, end: int, flags: int = 0) -> list[PageRegion]:
+    """The PAGEMAP_SCAN ioctl over a WP_ASYNC range (``do_pagemap_scan``).
+
+    Reports runs of pages with their categories; a page is WRITTEN when its
+    uffd-wp protection was dropped by a write. With ``PM_SCAN_WP_MATCHING``
+    the written pages are protected again, so the next scan sees only new
+    writes: the soft-dirty replacement WP_ASYNC was made for.
+    """
+    if flags & ~(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC):
+        raise_errno(errno.EINVAL)
+    if start & (PAGE_SIZE - 1) or end < start:
+        raise_errno(errno.EINVAL)
+    mm = ctx.mm
+    out: list[PageRegion] = []
+    with mm.lock:
+        for addr in range(start, end, PAGE_SIZE):
+            vma = mm.vmas.vma_lookup(addr)
+            if vma is None:
+                continue
+            if flags & PM_SCAN_CHECK_WPASYNC and not (vma.vm_flags & VM_UFFD_WP and ctx.wp_async):
+                raise_errno(errno.EPERM)
+            pte = mm.pgtables.get_pte(addr)
+            cats = PAGE_IS_WPALLOWED if vma.vm_flags & VM_UFFD_WP else 0
+            if pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
+                cats |= PAGE_IS_PRESENT
+                if pte & _PAGE_SPECIAL:
+                    cats |= PAGE_IS_PFNZERO
+                if not pte & _PAGE_UFFD_WP:
+                    cats |= PAGE_IS_WRITTEN
+            elif is_uffd_wp_marker(pte):
+                pass
+            elif pte:
+                cats |= PAGE_IS_SWAPPED
+                if not pte & _PAGE_SWP_UFFD_WP:
+                    cats |= PAGE_IS_WRITTEN
+            else:
+                cats |= PAGE_IS_WRITTEN
+            if vma.vm_file is not None:
+                cats |= PAGE_IS_FILE
+            if out and out[-1].end == addr and out[-1].categories == cats:
+                out[-1] = PageRegion(out[-1].start, addr + PAGE_SIZE, cats)
+            else:
+                out.append(PageRegion(addr, addr + PAGE_SIZE, cats))
+            if flags & PM_SCAN_WP_MATCHING and cats & PAGE_IS_WRITTEN and \
+                    vma.vm_flags & VM_UFFD_WP:
+                uffd_wp_range(mm, vma, addr, addr + PAGE_SIZE, True, use_markers(ctx, vma))
+    return out
