@@ -12,6 +12,7 @@ field; a successful call wakes the done range unless asked not to.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmemu.errors import errno_error
@@ -56,9 +57,24 @@ def _changing(ctx: Userfaultfd, arg: Any, field: str) -> bool:
     return False
 
 
-def _hugetlb_dst(ctx: Userfaultfd, dst: int) -> Any:
-    vma = ctx.mm.vmas.vma_lookup(dst)
-    return vma if vma is not None and vma.vm_flags & VM_HUGETLB else None
+def _mfill(ctx: Userfaultfd, dst: int, src: int, length: int, mode: MfillMode,
+           wp: bool) -> Callable[[], int]:
+    """The operation for ``mfill_atomic``, routed to hugetlb when the destination is."""
+    def run() -> int:
+        vma = ctx.mm.vmas.vma_lookup(dst)
+        if vma is not None and vma.vm_flags & VM_HUGETLB:
+            if mode is MfillMode.ZEROPAGE:
+                raise MfillError(errno.EINVAL)  # there is no huge zero page to map
+            return int(ctx.kernel.mfill_atomic_hugetlb(ctx, vma, dst, src, length, mode, wp))
+        return mfill_atomic(ctx, dst, src, length, mode, wp)
+    return run
+
+
+def _validate(arg: Any, start: int, length: int) -> None:
+    try:
+        validate_range(start, length)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
 
 
 def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy) -> None:
@@ -66,82 +82,49 @@ def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy) -> None:
     _changing(ctx, arg, "copy")
     if arg.src + arg.len <= arg.src or arg.src + arg.len >= 1 << 64:
         _fail(errno.EINVAL, arg)
-    try:
-        validate_range(arg.dst, arg.len)
-    except OSError as e:
-        _fail(e.errno or errno.EINVAL, arg)
+    _validate(arg, arg.dst, arg.len)
     if arg.mode & ~(uapi.UFFDIO_COPY_MODE_DONTWAKE | uapi.UFFDIO_COPY_MODE_WP):
         _fail(errno.EINVAL, arg)
     wp = bool(arg.mode & uapi.UFFDIO_COPY_MODE_WP)
-    huge = _hugetlb_dst(ctx, arg.dst)
-    if huge is not None:
-        run = (lambda: ctx.kernel.mfill_atomic_hugetlb(ctx, huge, arg.dst, arg.src, arg.len,
-                                                         MfillMode.COPY, wp))
-    else:
-        run = (lambda: mfill_atomic(ctx, arg.dst, arg.src, arg.len, MfillMode.COPY, wp))
     _finish(ctx, arg, "copy", arg.dst, arg.len, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
-            run)
+            _mfill(ctx, arg.dst, arg.src, arg.len, MfillMode.COPY, wp))
 
 
 def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage) -> None:
     """UFFDIO_ZEROPAGE (``userfaultfd_zeropage``): EINVAL on hugetlb."""
     _changing(ctx, arg, "zeropage")
     r = arg.range
-    try:
-        validate_range(r.start, r.len)
-    except OSError as e:
-        _fail(e.errno or errno.EINVAL, arg)
+    _validate(arg, r.start, r.len)
     if arg.mode & ~uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE:
         _fail(errno.EINVAL, arg)
-
-    def run() -> int:
-        if _hugetlb_dst(ctx, r.start) is not None:
-            raise MfillError(errno.EINVAL)
-        return mfill_atomic(ctx, r.start, 0, r.len, MfillMode.ZEROPAGE, False)
-
     _finish(ctx, arg, "zeropage", r.start, r.len,
-            bool(arg.mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE), run)
+            bool(arg.mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE),
+            _mfill(ctx, r.start, 0, r.len, MfillMode.ZEROPAGE, False))
 
 
 def uffdio_continue(ctx: Userfaultfd, arg: uapi.uffdio_continue) -> None:
     """UFFDIO_CONTINUE (``userfaultfd_continue``): map what the page cache already holds."""
     _changing(ctx, arg, "mapped")
     r = arg.range
-    try:
-        validate_range(r.start, r.len)
-    except OSError as e:
-        _fail(e.errno or errno.EINVAL, arg)
+    _validate(arg, r.start, r.len)
     if arg.mode & ~(uapi.UFFDIO_CONTINUE_MODE_DONTWAKE | uapi.UFFDIO_CONTINUE_MODE_WP):
         _fail(errno.EINVAL, arg)
     wp = bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_WP)
-    huge = _hugetlb_dst(ctx, r.start)
-    if huge is not None:
-        run = (lambda: ctx.kernel.mfill_atomic_hugetlb(ctx, huge, r.start, 0, r.len,
-                                                         MfillMode.CONTINUE, wp))
-    else:
-        run = (lambda: mfill_atomic(ctx, r.start, 0, r.len, MfillMode.CONTINUE, wp))
     _finish(ctx, arg, "mapped", r.start, r.len,
-            bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE), run)
+            bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE),
+            _mfill(ctx, r.start, 0, r.len, MfillMode.CONTINUE, wp))
 
 
 def uffdio_poison(ctx: Userfaultfd, arg: uapi.uffdio_poison) -> None:
     """UFFDIO_POISON (``userfaultfd_poison``): later accesses raise SIGBUS."""
     _changing(ctx, arg, "updated")
     r = arg.range
-    try:
-        validate_range(r.start, r.len)
-    except OSError as e:
-        _fail(e.errno or errno.EINVAL, arg)
+    _validate(arg, r.start, r.len)
     if arg.mode & ~uapi.UFFDIO_POISON_MODE_DONTWAKE:
         _fail(errno.EINVAL, arg)
-    huge = _hugetlb_dst(ctx, r.start)
-    if huge is not None:
-        run = (lambda: ctx.kernel.mfill_atomic_hugetlb(ctx, huge, r.start, 0, r.len,
-                                                         MfillMode.POISON, False))
-    else:
-        run = (lambda: mfill_atomic(ctx, r.start, 0, r.len, MfillMode.POISON, False))
     _finish(ctx, arg, "updated", r.start, r.len,
-            bool(arg.mode & uapi.UFFDIO_POISON_MODE_DONTWAKE), run)
+            bool(arg.mode & uapi.UFFDIO_POISON_MODE_DONTWAKE),
+            _mfill(ctx, r.start, 0, r.len, MfillMode.POISON, False))
 
 
 def uffdio_move(ctx: Userfaultfd, arg: uapi.uffdio_move, caller_mm: Any) -> None:
@@ -150,10 +133,7 @@ def uffdio_move(ctx: Userfaultfd, arg: uapi.uffdio_move, caller_mm: Any) -> None
     if caller_mm is not ctx.mm:
         _fail(errno.EINVAL, arg)
     for start in (arg.dst, arg.src):
-        try:
-            validate_range(start, arg.len)
-        except OSError as e:
-            _fail(e.errno or errno.EINVAL, arg)
+        _validate(arg, start, arg.len)
     if arg.mode & ~(uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | uapi.UFFDIO_MOVE_MODE_DONTWAKE):
         _fail(errno.EINVAL, arg)
     _finish(ctx, arg, "move", arg.dst, arg.len,
@@ -166,10 +146,7 @@ def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect) -> None
     if ctx.mmap_changing:
         _fail(errno.EAGAIN, arg)
     r = arg.range
-    try:
-        validate_range(r.start, r.len)
-    except OSError as e:
-        _fail(e.errno or errno.EINVAL, arg)
+    _validate(arg, r.start, r.len)
     mode = arg.mode
     if mode & ~(uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE | uapi.UFFDIO_WRITEPROTECT_MODE_WP):
         _fail(errno.EINVAL, arg)
@@ -230,10 +207,7 @@ def _unregister(ctx: Userfaultfd, arg: uapi.uffdio_range, _mm: Any) -> None:
 
 
 def _wake(ctx: Userfaultfd, arg: uapi.uffdio_range, _mm: Any) -> None:
-    try:
-        validate_range(arg.start, arg.len)
-    except OSError as e:
-        _fail(e.errno or errno.EINVAL, arg)
+    _validate(arg, arg.start, arg.len)
     ctx.wake_range(arg.start, arg.len)
 
 
