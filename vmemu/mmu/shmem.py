@@ -25,6 +25,9 @@ class ShmemInode:
         self.i_size = size
         self.name = name
         self.pages: dict[int, Folio] = {}
+        # index -> swap entry of a page out on swap (a value entry in the kernel's
+        # xarray); find_folio / get_folio swap it back in (vmemu.mmu.swap_state)
+        self.swapped: dict[int, int] = {}
         self.i_mmap: list[Any] = []  # VMAs mapping this inode (the i_mmap interval tree)
         self.file_refs = 0  # open files (memfd) besides the mappings
         self.seals = 0
@@ -38,8 +41,17 @@ class ShmemInode:
         return (self.i_size + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
 
     def find_folio(self, index: int) -> Folio | None:
-        """The cached folio at ``index`` or None (``filemap_get_folio``)."""
-        return self.pages.get(index)
+        """The cached folio at ``index`` or None (``filemap_get_folio``).
+
+        A page out on swap is read back first, as ``shmem_get_folio`` does
+        (None if memory runs out doing so).
+        """
+        folio = self.pages.get(index)
+        if folio is None and index in self.swapped:
+            from vmemu.mmu.swap_state import shmem_swapin_folio
+
+            folio = shmem_swapin_folio(self, index)
+        return folio
 
     def get_folio(self, index: int) -> Folio | None:
         """Find or allocate the folio at ``index`` (``shmem_get_folio(SGP_CACHE)``).
@@ -49,6 +61,8 @@ class ShmemInode:
         folio = self.pages.get(index)
         if folio is not None:
             return folio
+        if index in self.swapped:
+            return self.find_folio(index)  # swap in; never a fresh page over a swapped one
         folio = self.phys.alloc_folio(0)
         if folio is None:
             return None
@@ -64,10 +78,14 @@ class ShmemInode:
         if folio is not None:
             folio.mapping = None
             self.phys.folio_put(folio)
+        if index in self.swapped:
+            from vmemu.mmu.swap_state import shmem_free_swap
+
+            shmem_free_swap(self, index)
 
     def drop_range(self, first: int, last: int) -> None:
         """Remove cached pages with index in ``[first, last)`` (``shmem_undo_range``)."""
-        for index in [i for i in self.pages if first <= i < last]:
+        for index in [i for i in [*self.pages, *self.swapped] if first <= i < last]:
             self.remove_folio(index)
 
     def proc_name(self) -> str:
@@ -76,7 +94,7 @@ class ShmemInode:
 
     def truncate(self) -> None:
         """Drop the whole page cache, as the last reference to the inode goes."""
-        for index in list(self.pages):
+        for index in [*self.pages, *self.swapped]:
             self.remove_folio(index)
 
     def __repr__(self) -> str:

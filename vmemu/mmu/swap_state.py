@@ -235,7 +235,9 @@ def shmem_swapin_folio(inode: Any, index: int) -> Folio | None:
         folio = inode.pages.get(index)
         if folio is not None:
             return folio  # swapped in while we waited for the lock
-        entry = inode.swapped[index]
+        entry = inode.swapped.get(index)
+        if entry is None:
+            return None  # truncated while we waited
         folio, _read = swapin_folio(space, entry)
         if folio is None:
             return None
