@@ -25,6 +25,7 @@ from vmemu.constants import (
     MADV_KEEPONFORK,
     MADV_NOHUGEPAGE,
     MADV_NORMAL,
+    MADV_PAGEOUT,
     MADV_POPULATE_READ,
     MADV_POPULATE_WRITE,
     MADV_RANDOM,
@@ -57,7 +58,9 @@ from vmemu.mmu.vma import (
     VM_WIPEONFORK,
     Vma,
 )
+from vmemu.mmu.swap_state import madvise_willneed
 from vmemu.mmu.vmaops import vma_modify
+from vmemu.mmu.vmscan import madvise_cold, madvise_pageout
 
 if TYPE_CHECKING:
     from vmemu.mmu.mm import MmStruct
@@ -165,6 +168,9 @@ def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
         MADV_DONTNEED_LOCKED: _dontneed,
         MADV_FREE: _free,
         MADV_REMOVE: _remove,
+        MADV_COLD: madvise_cold,
+        MADV_PAGEOUT: madvise_pageout,
+        MADV_WILLNEED: madvise_willneed,
     }
     handlers.update(mm.extra_madvise)
     if advice not in handlers and advice not in _POPULATE and advice not in (MADV_WILLNEED, MADV_COLD):
