@@ -191,37 +191,42 @@ class SimRuntime(Runtime):
 
     def _pick(self) -> tuple[SimTask, Cpu, int] | None:
         """The next (task, cpu, start time) to run, or None if nothing can run."""
-        best: list[tuple[int, int, int, SimTask, Cpu]] = []
-        best_t = -1
-
-        def offer(start: int, kind: int, task: SimTask, cpu: Cpu) -> None:
-            nonlocal best, best_t
-            if not best or start < best_t:
-                best, best_t = [(start, kind, task.tid, task, cpu)], start
-            elif start == best_t:
-                best.append((start, kind, task.tid, task, cpu))
-
+        best: list[tuple[int, int, SimTask, Cpu]] = []  # (kind, tid, task, cpu), all at best_t
+        best_t = 0
         idle = []
         for cpu in self.cpus:
-            if cpu.curr is None:
+            curr = cpu.curr
+            if curr is None:
                 idle.append(cpu)
-            else:
-                offer(cpu.clock.now_ns(), 0, cpu.curr, cpu)
+                continue
+            t = cpu.clock.now_ns()
+            if not best or t < best_t:
+                best, best_t = [(0, curr.tid, curr, cpu)], t
+            elif t == best_t:
+                best.append((0, curr.tid, curr, cpu))
         if idle:
             for task in self._ready.values():
                 ready = task.ready_at if task.deadline is None else task.deadline
-                where = min(
-                    idle, key=lambda c: (max(c.clock.now_ns(), ready), c.id != task.last_cpu, c.id)
-                )
-                offer(max(where.clock.now_ns(), ready), 1, task, where)
+                if len(idle) == 1:
+                    where = idle[0]
+                else:
+                    last = task.last_cpu
+                    where = min(
+                        idle, key=lambda c: (max(c.clock.now_ns(), ready), c.id != last, c.id)
+                    )
+                t = max(where.clock.now_ns(), ready)
+                if not best or t < best_t:
+                    best, best_t = [(1, task.tid, task, where)], t
+                elif t == best_t:
+                    best.append((1, task.tid, task, where))
         if not best:
             return None
-        if len(best) > 1:
-            best.sort(key=lambda c: (c[1], c[2]))
-            choice = best[self._rng.randrange(len(best))]
-        else:
+        if len(best) == 1:
             choice = best[0]
-        return choice[3], choice[4], choice[0]
+        else:
+            best.sort(key=lambda c: (c[0], c[1]))
+            choice = best[self._rng.randrange(len(best))]
+        return choice[2], choice[3], best_t
 
     def _dispatch(self, task: SimTask, cpu: Cpu, start: int) -> None:
         """Make `task` the baton holder, placing it on `cpu` if it was not there."""
