@@ -40,6 +40,7 @@ from vmemu.errors import raise_errno
 from vmemu.mmu.gup import populate
 from vmemu.mmu.memory import zap_page_range
 from vmemu.mmu.mmap import page_align
+from vmemu.mmu.swap_state import madvise_willneed
 from vmemu.mmu.vma import (
     VM_DONTCOPY,
     VM_DONTDUMP,
@@ -58,7 +59,6 @@ from vmemu.mmu.vma import (
     VM_WIPEONFORK,
     Vma,
 )
-from vmemu.mmu.swap_state import madvise_willneed
 from vmemu.mmu.vmaops import vma_modify
 from vmemu.mmu.vmscan import madvise_cold, madvise_pageout
 
@@ -173,7 +173,7 @@ def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
         MADV_WILLNEED: madvise_willneed,
     }
     handlers.update(mm.extra_madvise)
-    if advice not in handlers and advice not in _POPULATE and advice not in (MADV_WILLNEED, MADV_COLD):
+    if advice not in handlers and advice not in _POPULATE:
         raise_errno(errno.EINVAL, f"unknown advice {advice}")
     start &= _ULONG_MASK  # start and len_in are unsigned long / size_t in the syscall
     len_in &= _ULONG_MASK
