@@ -5,7 +5,8 @@ VMA trees sorted and non-overlapping; page tables owned by exactly one mm;
 every present entry inside a VMA and pointing at a live folio; each folio's
 mapcount equal to the entries that map it, its refcount equal to those
 plus the page cache and swap cache references; rmap finding every mapping;
-no folio left without an owner; each TLB entry agreeing with the tables.
+no folio left without an owner; each TLB entry agreeing with the tables;
+each swap slot's count equal to the swap PTEs and shmem entries naming it.
 A failure raises ``AssertionError`` naming what is wrong.
 """
 
@@ -121,3 +122,5 @@ def check_phys(phys: PhysMem, mms: list[MmStruct]) -> None:
             assert isinstance(folio.mapping, AnonVma), f"{folio!r}: anon folio without anon_vma"
             if folio.flags & PG.anon_exclusive and folio.flags & PG.large == 0:
                 assert mapcount <= 1, f"{folio!r}: anon-exclusive but mapped {mapcount} times"
+    if phys.swap is not None:
+        phys.swap._check(mms)  # swap counts == swap PTEs + shmem entries; no slot leaks
