@@ -228,8 +228,10 @@ class Runtime(ABC):
 
     def _exit(self, task: TaskHandle) -> None:
         task.state = TaskState.DONE
-        failed = "" if task.exception is None else type(task.exception).__name__
-        self.tracer.emit("exit", error=failed) if failed else self.tracer.emit("exit")
+        if task.exception is None:
+            self.tracer.emit("exit")
+        else:
+            self.tracer.emit("exit", error=type(task.exception).__name__)
         if task._exit_wq is not None:
             task._exit_wq.wake_up_all()
 
