@@ -133,7 +133,7 @@ def smaps_vma(mm: MmStruct, vma: Vma) -> str:
     referenced = anonymous = lazyfree = swap = anon_huge = locked = 0
     swap_pss = 0.0
     mem_map = mm.phys.mem_map
-    for addr, e, level in _entries(mm, vma):
+    for _addr, e, level in _entries(mm, vma):
         size = PAGE_SIZE if level == "pte" else PAGE_SIZE * 512
         if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
             if is_real_swap_pte(e):
@@ -172,6 +172,10 @@ def smaps_vma(mm: MmStruct, vma: Vma) -> str:
                 anon_huge += size
         if vma.vm_flags & VM_LOCKED:
             locked += size
+    if vma.vm_file is not None:
+        from vmemu.mmu.swap_state import shmem_swap_usage
+
+        swap += PAGE_SIZE * shmem_swap_usage(mm, vma)  # pages out on swap from the page cache
     flags = "".join(m + " " for bit, m in _MNEMONICS if vma.vm_flags & bit)
     kps = PAGE_SIZE * (512 if vma.vm_flags & VM_HUGETLB else 1)
     lines = [
@@ -233,7 +237,6 @@ def _entries(mm: MmStruct, vma: Vma) -> list[tuple[int, int, str]]:
 
 def pagemap_entry(mm: MmStruct, addr: int) -> int:
     """The 64-bit /proc/<pid>/pagemap entry for the page at ``addr`` (``pte_to_pagemap_entry``)."""
-    vma = mm.vmas.vma_lookup(addr)
     pmd = mm.pgtables.pmd_table(addr, False)
     if pmd is None:
         return 0
@@ -269,6 +272,4 @@ def pagemap_entry(mm: MmStruct, addr: int) -> int:
         if pte_swp_uffd_wp(e):
             flags |= PM_UFFD_WP
         frame = swp_type(e) | (swp_offset(e) << MAX_SWAPFILES_SHIFT)
-        if vma is not None and vma.vm_file is not None:
-            flags |= PM_FILE
     return (frame & PM_PFRAME_MASK) | flags
