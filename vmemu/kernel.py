@@ -54,6 +54,31 @@ class Kernel:
 
         return int(hugetlb.mfill_atomic_hugetlb(ctx, vma, dst, src, length, mode, wp))
 
+    def swapon(self, store: Any = None, pages: int = 1024, priority: int | None = None) -> int:
+        """Add a swap device of ``pages`` 4 KiB slots; returns its swap type (``swapon(2)``).
+
+        ``store`` is any :class:`~vmemu.backends.PageStore` (default: a new
+        :class:`~vmemu.backends.MemoryPageStore`). Once swap is on, reclaim
+        (``MADV_PAGEOUT``, or an allocation beyond ``mem_limit_pages``) moves
+        anonymous and shmem pages there; a fault brings them back. Several
+        devices may be on at once; the higher ``priority`` fills first.
+        """
+        from vmemu.mmu.swapfile import swapon
+
+        return swapon(self.phys, store, pages, priority)
+
+    def swapoff(self, swap_type: int) -> None:
+        """Read every page of device ``swap_type`` back and remove it (``swapoff(2)``)."""
+        from vmemu.mmu.swapfile import swapoff
+
+        swapoff(self.phys, swap_type)
+
+    def swap_statistics(self) -> Any:
+        """A :class:`~vmemu.mmu.swapfile.SwapStats` snapshot of swap and reclaim counters."""
+        from vmemu.mmu.swapfile import get_swap_space
+
+        return get_swap_space(self.phys).statistics()
+
     def memory_statistics(self) -> PhysMemStats:
         """Frame usage of the whole machine."""
         return self.phys.statistics()
