@@ -41,6 +41,7 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_U64_MAX = (1 << 64) - 1
 
 
 class Task:
@@ -65,7 +66,7 @@ class Task:
     def read(self, addr: int, n: int) -> bytes:
         """Read ``n`` bytes at ``addr``, faulting pages in as needed."""
         off = addr & _OFF_MASK
-        if off + n <= PAGE_SIZE:
+        if 0 <= n <= PAGE_SIZE - off:
             buf = self._r.get(addr >> PAGE_SHIFT)
             if buf is not None:
                 return bytes(buf[off:off + n])
@@ -84,7 +85,7 @@ class Task:
 
     def _read_slow(self, addr: int, n: int) -> bytes:
         if n < 0:
-            raise ValueError("negative length")
+            raise_errno(errno.EINVAL, "negative length")
         off = addr & _OFF_MASK
         if n and off + n <= PAGE_SIZE:  # one page (a TLB miss): no splitting
             try:
@@ -168,18 +169,19 @@ class Task:
 
     def write_u8(self, addr: int, value: int) -> None:
         """Write an unsigned byte."""
-        self.write(addr, _U8.pack(value))
+        self.write(addr, _U8.pack(value & 0xFF))
 
     def write_u16(self, addr: int, value: int) -> None:
         """Write a little-endian u16."""
-        self.write(addr, _U16.pack(value))
+        self.write(addr, _U16.pack(value & 0xFFFF))
 
     def write_u32(self, addr: int, value: int) -> None:
         """Write a little-endian u32."""
-        self.write(addr, _U32.pack(value))
+        self.write(addr, _U32.pack(value & 0xFFFF_FFFF))
 
     def write_u64(self, addr: int, value: int) -> None:
-        """Write a little-endian u64."""
+        """Write a little-endian u64 (like a C store, only the low 64 bits)."""
+        value &= _U64_MAX
         off = addr & _OFF_MASK
         if off <= PAGE_SIZE - 8:
             buf = self._w.get(addr >> PAGE_SHIFT)
