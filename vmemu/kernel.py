@@ -79,6 +79,36 @@ class Kernel:
 
         return get_swap_space(self.phys).statistics()
 
+    # -- huge pages: /proc/sys/vm/nr_hugepages, /sys/kernel/mm/transparent_hugepage ----
+
+    @property
+    def hugetlb(self) -> Any:
+        """The hugetlb pool (:class:`vmemu.mmu.hugetlb.HugetlbPool`)."""
+        from vmemu.mmu.hugetlb import hugetlb_pool
+
+        return hugetlb_pool(self.phys)
+
+    def set_nr_hugepages(self, count: int, size: int = 2 << 20) -> int:
+        """Write ``nr_hugepages`` for the ``size`` pool (2 MiB or 1 GiB); returns the new count."""
+        return int(self.hugetlb.set_nr_hugepages(count, size))
+
+    def hugetlb_file_setup(self, name: str, flags: int) -> Any:
+        """The hugetlbfs inode of ``memfd_create(name, MFD_HUGETLB | flags)``."""
+        from vmemu.mmu.hugetlb import memfd_hugetlb_setup
+
+        return memfd_hugetlb_setup(self.phys, name, flags)
+
+    @property
+    def thp_enabled(self) -> str:
+        """/sys/kernel/mm/transparent_hugepage/enabled: "always", "madvise" or "never"."""
+        return str(self.phys.thp_enabled)
+
+    @thp_enabled.setter
+    def thp_enabled(self, policy: str) -> None:
+        from vmemu.mmu.huge_memory import set_thp_enabled
+
+        set_thp_enabled(self.phys, policy)
+
     def memory_statistics(self) -> PhysMemStats:
         """Frame usage of the whole machine."""
         return self.phys.statistics()

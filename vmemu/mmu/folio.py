@@ -22,6 +22,7 @@ faults, never counted (``vm_normal_page`` returns NULL for it).
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from typing import Any
 
 import attrs
@@ -66,6 +67,7 @@ class Folio:
     mapping: Any = None
     index: int = 0
     private: Any = None
+    subpages: list[memoryview] | None = None  # cached 4 KiB views of a large folio
 
     @property
     def nr_pages(self) -> int:
@@ -88,8 +90,12 @@ class Folio:
         """The 4 KiB of data for frame ``pfn`` of this folio."""
         if self.order == 0:
             return self.data
-        off = (pfn - self.pfn) * PAGE_SIZE
-        return memoryview(self.data)[off:off + PAGE_SIZE]
+        views = self.subpages
+        if views is None:  # made once, so the TLB and check() see the same objects
+            mv = memoryview(self.data)
+            views = self.subpages = [mv[i:i + PAGE_SIZE]
+                                     for i in range(0, self.nr_pages * PAGE_SIZE, PAGE_SIZE)]
+        return views[pfn - self.pfn]
 
     def __repr__(self) -> str:
         names = [f.name for f in PG if f and self.flags & f]
@@ -130,6 +136,9 @@ class PhysMem:
         self.reclaim_hook: Any = self._try_to_free_pages
         self.swap: Any = None  # the machine's SwapSpace (vmemu.mmu.swapfile), made on first use
         self.mms: list[Any] = []  # live address spaces, for check() and rmap
+        self.hugetlb: Any = None  # the hugetlb pool (vmemu.mmu.hugetlb), made on first use
+        self.thp_enabled = "madvise"  # /sys/kernel/mm/transparent_hugepage/enabled
+        self.vmstat: Counter[str] = Counter()  # /proc/vmstat events (thp_fault_alloc, ...)
         zero = Folio(pfn=self._take_pfns(0), order=0, data=bytearray(PAGE_SIZE),
                      flags=PG.zero | PG.uptodate | PG.locked)
         self.mem_map[zero.pfn] = zero
@@ -185,6 +194,8 @@ class PhysMem:
         self._free.setdefault(folio.order, []).append(folio.pfn)
         self.pages_in_use -= n
         self.nr_folios -= 1
+        if folio.flags & PG.hugetlb:
+            self.hugetlb.free_huge_folio(folio)  # back to the pool (free_huge_folio)
 
     def folio_put(self, folio: Folio, nr: int = 1) -> None:
         """Drop ``nr`` references; free the folio at zero (``folio_put_refs``)."""
@@ -222,6 +233,9 @@ class PhysMem:
         if mapping is not None and getattr(mapping, "pages", None) is not None and \
                 mapping.pages.get(folio.index) is folio:
             n += 1
+        huge = getattr(mapping, "huge", None)
+        if huge is not None and folio.order and huge.get(folio.index >> folio.order) is folio:
+            n += 1  # a hugetlbfs page cache, keyed by huge-page index
         if folio.flags & PG.swapcache:
             n += 1
         return n

@@ -27,7 +27,9 @@ MAX_RETRIES = 64
 def _page_ready(mm: MmStruct, addr: int, write: bool) -> bool:
     table = mm.pgtables.pte_table(addr, False)
     if table is None:
-        return False
+        pmd = mm.pgtables.pmd_table(addr, False)  # a huge PMD leaf (THP, hugetlb)?
+        e = pmd[(addr >> 21) & 511] if pmd is not None else 0
+        return bool(e & _PAGE_PSE and e & _PAGE_PRESENT) and (not write or bool(e & _PAGE_RW))
     pte = table[(addr >> PAGE_SHIFT) & 511]
     return bool(pte & _PAGE_PRESENT) and (not write or bool(pte & _PAGE_RW))
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from vmemu.constants import (
     MADV_COLD,
+    MADV_COLLAPSE,
     MADV_DODUMP,
     MADV_DOFORK,
     MADV_DONTDUMP,
@@ -123,6 +124,12 @@ def _dontneed(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None
     private file mappings refault from the page cache.
     """
     _check_dontneed_free(vma, advice)
+    if vma.vm_flags & VM_HUGETLB:
+        from vmemu.mmu.hugetlb import hugetlb_dontneed_range
+
+        start, end = hugetlb_dontneed_range(vma, start, end)
+        if start >= end:
+            return
     if mm.userfaultfd_remove(vma, start, end):
         vma, end = _relookup(mm, start, end)
     keep_wp = vma.vm_file is not None and bool(vma.vm_flags & VM_UFFD_WP)
@@ -160,6 +167,13 @@ def _remove(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
 _POPULATE = {MADV_POPULATE_READ: False, MADV_POPULATE_WRITE: True}
 
 
+def _collapse(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
+    """MADV_COLLAPSE: see :func:`vmemu.mmu.huge_memory.madvise_collapse`."""
+    from vmemu.mmu.huge_memory import madvise_collapse
+
+    madvise_collapse(mm, vma, start, end)
+
+
 def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
     """The madvise(2) syscall (``do_madvise``)."""
     handlers: dict[int, Callable[[MmStruct, Vma, int, int, int], None]] = {
@@ -171,6 +185,7 @@ def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
         MADV_COLD: madvise_cold,
         MADV_PAGEOUT: madvise_pageout,
         MADV_WILLNEED: madvise_willneed,
+        MADV_COLLAPSE: _collapse,
     }
     handlers.update(mm.extra_madvise)
     if advice not in handlers and advice not in _POPULATE:

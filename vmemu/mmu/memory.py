@@ -49,6 +49,8 @@ from vmemu.mmu.pgtable import (
 )
 from vmemu.mmu.vma import (
     VM_EXEC,
+    VM_HUGEPAGE,
+    VM_HUGETLB,
     VM_MAYWRITE,
     VM_READ,
     VM_SHARED,
@@ -75,6 +77,9 @@ FAULT_FLAG_USER = 1 << 6
 FAULT_FLAG_REMOTE = 1 << 7
 FAULT_FLAG_INSTRUCTION = 1 << 8
 FAULT_FLAG_INTERRUPTIBLE = 1 << 9
+
+# VMAs whose faults may take the huge path (besides every private anon VMA under "always")
+_VM_HUGE_CANDIDATE = VM_HUGETLB | VM_HUGEPAGE
 
 _KEEP_ON_REPROTECT = _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_SPECIAL | _PAGE_UFFD_WP
 
@@ -136,6 +141,11 @@ def maybe_mkwrite(pte: int, vma: Vma) -> int:
 def handle_mm_fault(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any = None) -> VmFault:
     """Resolve a fault at ``address`` in ``vma`` (``handle_mm_fault`` -> ``handle_pte_fault``)."""
     mm.stats_faults += 1
+    if vma.vm_flags & _VM_HUGE_CANDIDATE or mm.phys.thp_enabled == "always":
+        # hugetlb, or an empty PMD that may take a THP (__handle_mm_fault -> create_huge_pmd)
+        fault = mm.create_huge_pmd(vma, address, flags, task)
+        if fault is not VmFault.FALLBACK:
+            return fault
     table = mm.pgtables.pte_table(address, True)
     if table is None:
         return mm.huge_fault(vma, address, flags, task)
@@ -383,6 +393,7 @@ def zap_page_range(mm: MmStruct, vma: Vma, start: int, end: int, keep_wp_marker:
     zaps of a uffd-wp VMA leave a marker so the protection survives.
     """
     mm.split_huge_range(vma, start, end)
+    mm.zap_huge_pmds(vma, start, end)
     for _addr, table, lo, hi in mm.pgtables.iter_pte_tables(start, end):
         for idx in range(lo, hi):
             if table[idx]:
@@ -402,6 +413,7 @@ def copy_pte_range(mm: MmStruct, child: MmStruct, src_vma: Vma, dst_vma: Vma,
     cow = (src_vma.vm_flags & (VM_SHARED | VM_MAYWRITE)) == VM_MAYWRITE  # is_cow_mapping
     mem_map = mm.phys.mem_map
     start, end = src_vma.vm_start, src_vma.vm_end
+    mm.copy_huge_pmds(child, src_vma, dst_vma, keep_uffd_wp)  # copy_huge_pmd / hugetlb
     for addr, table, lo, hi in mm.pgtables.iter_pte_tables(start, end):
         dst = None
         for idx in range(lo, hi):

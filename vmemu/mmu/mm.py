@@ -114,14 +114,44 @@ class MmStruct:
     # -- hooks filled in by the huge-page and swap layers ----------------------
 
     def huge_fault(self, vma: Vma, address: int, flags: int, task: Any) -> VmFault:
-        """A fault under a huge PMD (``__handle_mm_fault`` PMD path)."""
-        raise NotImplementedError("huge PMD faults arrive with transparent huge pages")
+        """A fault under a huge PMD (``__handle_mm_fault`` PMD path); see :mod:`.huge_memory`."""
+        from vmemu.mmu.huge_memory import huge_pmd_fault
+
+        return huge_pmd_fault(self, vma, address, flags, task)
+
+    def create_huge_pmd(self, vma: Vma, address: int, flags: int, task: Any) -> VmFault:
+        """A fault on an empty PMD of a hugetlb or THP-advised VMA; FALLBACK means 4 KiB."""
+        from vmemu.mmu.huge_memory import create_huge_pmd
+
+        return create_huge_pmd(self, vma, address, flags, task)
 
     def split_huge_pmd_at(self, vma: Vma, addr: int) -> None:
-        """Split a huge PMD straddling ``addr`` (``split_huge_pmd_address``); none exist yet."""
+        """Split a huge PMD straddling ``addr`` (``split_huge_pmd_address``).
+
+        For hugetlb this is ``hugetlb_vm_op_split``: EINVAL unless aligned.
+        """
+        from vmemu.mmu.huge_memory import split_huge_pmd_address
+
+        split_huge_pmd_address(self, vma, addr)
 
     def split_huge_range(self, vma: Vma, start: int, end: int) -> None:
-        """Split huge PMDs that ``[start, end)`` covers only partly."""
+        """Split huge PMDs and THP folios that ``[start, end)`` covers only partly."""
+        from vmemu.mmu.huge_memory import split_huge_range
+
+        split_huge_range(self, vma, start, end)
+
+    def zap_huge_pmds(self, vma: Vma, start: int, end: int) -> None:
+        """Unmap huge PMD leaves inside ``[start, end)`` (``zap_huge_pmd``, hugetlb unmap)."""
+        from vmemu.mmu.huge_memory import zap_huge_pmds
+
+        zap_huge_pmds(self, vma, start, end)
+
+    def copy_huge_pmds(self, child: MmStruct, src_vma: Vma, dst_vma: Vma,
+                       keep_uffd_wp: bool) -> None:
+        """Share huge PMD leaves with a forked child (``copy_huge_pmd``)."""
+        from vmemu.mmu.huge_memory import copy_huge_pmds
+
+        copy_huge_pmds(self, child, src_vma, dst_vma, keep_uffd_wp)
 
     def do_swap_page(self, vmf: Any) -> VmFault:
         """Swap a page back in; see :func:`vmemu.mmu.swap_state.do_swap_page`."""
@@ -157,10 +187,10 @@ class MmStruct:
 
     def mmap_hugetlb(self, addr: int, length: int, prot: int, flags: int, file: Any,
                      offset: int) -> int:
-        """MAP_HUGETLB: the hugetlb pool is empty until the hugetlb layer fills it."""
-        from vmemu.errors import raise_errno
+        """MAP_HUGETLB or a hugetlbfs file; see :func:`vmemu.mmu.hugetlb.mmap_hugetlb`."""
+        from vmemu.mmu.hugetlb import mmap_hugetlb
 
-        raise_errno(errno.ENOMEM, "hugetlb pool is empty (nr_hugepages = 0)")
+        return mmap_hugetlb(self, addr, length, prot, flags, file, offset)
 
     def file_vm_flags(self, file: Any, vm_flags: int, shared: bool) -> int:
         """Apply a sealed file's rules to a new mapping's flags (``memfd_check_seals_mmap``).
@@ -397,8 +427,10 @@ class MmStruct:
         return 0 if swap is None else int(swap.swap_count(swp_entry_clean(pte)))
 
     def thp_eligible(self, vma: Vma) -> int:
-        """smaps THPeligible: 0 until transparent huge pages are emulated."""
-        return 0
+        """smaps THPeligible; see :func:`vmemu.mmu.huge_memory.thp_vma_allowable`."""
+        from vmemu.mmu.huge_memory import thp_eligible
+
+        return thp_eligible(self, vma)
 
     def check_swap_pte(self, addr: int, pte: int) -> None:
         """Check a swap PTE against the swap device (``check()`` helper)."""

@@ -131,7 +131,7 @@ def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int,
     map_type = flags & MAP_TYPE
     if file is None and not flags & MAP_ANONYMOUS:
         raise_errno(errno.EBADF, "no file and no MAP_ANONYMOUS")
-    if flags & MAP_HUGETLB:
+    if flags & MAP_HUGETLB or getattr(file, "is_hugetlb", False):
         return mm.mmap_hugetlb(addr, length, prot, flags, file, offset)
     if flags & MAP_FIXED and addr < MMAP_MIN_ADDR and addr <= TASK_SIZE - length \
             and not addr & (PAGE_SIZE - 1):  # security_mmap_addr runs after those checks

@@ -54,6 +54,9 @@ def change_protection(mm: MmStruct, vma: Vma, start: int, end: int) -> None:
     A private writable VMA may map an anon-exclusive page writable at once
     (``can_change_pte_writable``); everything else waits for a write fault.
     """
+    from vmemu.mmu.huge_memory import change_huge_pmds
+
+    change_huge_pmds(mm, vma, start, end)  # change_huge_pmd / hugetlb_change_protection
     prot = vm_get_page_prot(vma.vm_flags)
     try_writable = vma.vm_flags & VM_WRITE and not vma.vm_flags & VM_SHARED
     mem_map = mm.phys.mem_map

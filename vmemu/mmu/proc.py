@@ -132,9 +132,18 @@ def smaps_vma(mm: MmStruct, vma: Vma) -> str:
     shared_clean = shared_dirty = private_clean = private_dirty = 0
     referenced = anonymous = lazyfree = swap = anon_huge = locked = 0
     swap_pss = 0.0
+    shared_hugetlb = private_hugetlb = 0
     mem_map = mm.phys.mem_map
     for _addr, e, level in _entries(mm, vma):
         size = PAGE_SIZE if level == "pte" else PAGE_SIZE * 512
+        if vma.vm_flags & VM_HUGETLB:  # smaps_hugetlb_range: not in Rss
+            if e & _PAGE_PRESENT:
+                folio = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+                if folio.mapcount > folio.nr_pages >> 9:  # folio_likely_mapped_shared
+                    shared_hugetlb += size
+                else:
+                    private_hugetlb += size
+            continue
         if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
             if is_real_swap_pte(e):
                 swap += size
@@ -177,7 +186,7 @@ def smaps_vma(mm: MmStruct, vma: Vma) -> str:
 
         swap += PAGE_SIZE * shmem_swap_usage(mm, vma)  # pages out on swap from the page cache
     flags = "".join(m + " " for bit, m in _MNEMONICS if vma.vm_flags & bit)
-    kps = PAGE_SIZE * (512 if vma.vm_flags & VM_HUGETLB else 1)
+    kps = vma.vm_file.hstate.size if vma.vm_flags & VM_HUGETLB else PAGE_SIZE
     lines = [
         show_map_vma(vma),
         f"Size:           {_kb(vma.size)}",
@@ -197,8 +206,8 @@ def smaps_vma(mm: MmStruct, vma: Vma) -> str:
         f"AnonHugePages:  {_kb(anon_huge)}",
         f"ShmemPmdMapped: {_kb(0)}",
         f"FilePmdMapped:  {_kb(0)}",
-        f"Shared_Hugetlb: {_kb(0)}",
-        f"Private_Hugetlb:{_kb(0)}",
+        f"Shared_Hugetlb: {_kb(shared_hugetlb)}",
+        f"Private_Hugetlb:{_kb(private_hugetlb)}",
         f"Swap:           {_kb(swap)}",
         f"SwapPss:        {_kb(swap_pss)}",
         f"Locked:         {_kb(locked)}",

@@ -102,6 +102,7 @@ class Vma:
     anon_vma_chain: list[AnonVma] = attrs.field(factory=list)
     vm_userfaultfd_ctx: Any = None
     anon_name: str | None = None
+    vm_private_data: Any = None  # hugetlb: the private reservation map (HPAGE_RESV_OWNER)
 
     @property
     def size(self) -> int:

@@ -43,7 +43,7 @@ def unlink_file_vma(vma: Vma) -> None:
 def vma_dup(vma: Vma) -> Vma:
     """A copy of ``vma`` sharing its file and anon_vma links (``vm_area_dup``)."""
     new = Vma(vma.vm_start, vma.vm_end, vma.vm_flags, vma.vm_pgoff, vma.vm_file,
-              None, [], vma.vm_userfaultfd_ctx, vma.anon_name)
+              None, [], vma.vm_userfaultfd_ctx, vma.anon_name, vma.vm_private_data)
     anon_vma_clone(new, vma)
     _link_file(new)
     return new
@@ -80,6 +80,9 @@ def split_range(mm: MmStruct, vma: Vma, start: int, end: int) -> Vma:
 def remove_vma(mm: MmStruct, vma: Vma) -> None:
     """Take ``vma`` out of the mm and drop its links (``remove_vma``)."""
     mm.vmas.remove(vma)
+    close = getattr(vma.vm_file, "vm_close", None)  # vm_ops->close (hugetlb reservations)
+    if close is not None:
+        close(vma)
     anon_vma_unlink(vma)
     unlink_file_vma(vma)
 
