@@ -85,7 +85,7 @@ class Task:
 
     def _read_slow(self, addr: int, n: int) -> bytes:
         if n < 0:
-            raise_errno(errno.EINVAL, "negative length")
+            raise ValueError("negative length")
         off = addr & _OFF_MASK
         if n and off + n <= PAGE_SIZE:  # one page (a TLB miss): no splitting
             try:
