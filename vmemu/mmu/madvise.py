@@ -53,11 +53,13 @@ from vmemu.mmu.vma import (
     VM_NOHUGEPAGE,
     VM_PFNMAP,
     VM_RAND_READ,
+    VM_READ,
     VM_SEQ_READ,
     VM_SHARED,
     VM_SPECIAL,
     VM_UFFD_WP,
     VM_WIPEONFORK,
+    VM_WRITE,
     Vma,
 )
 from vmemu.mmu.vmaops import vma_modify
@@ -167,6 +169,31 @@ def _remove(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
 _POPULATE = {MADV_POPULATE_READ: False, MADV_POPULATE_WRITE: True}
 
 
+def _populate(mm: MmStruct, start: int, end: int, write: bool) -> None:
+    """MADV_POPULATE_READ/WRITE (``madvise_populate``).
+
+    Faults the range in VMA by VMA; a VMA whose flags forbid the access
+    (``check_vma_flags`` under FOLL_MADV_POPULATE) ends the call with EINVAL
+    after the VMAs before it were populated; a hole is ENOMEM and a fault
+    that would signal is EFAULT (from :func:`populate`).
+    """
+    need = VM_WRITE if write else VM_READ
+    bad = None
+    with mm.lock:  # not held across populate(): a userfault may sleep in it
+        addr = start
+        while addr < end:
+            vma = mm.vmas.vma_lookup(addr)
+            if vma is None:
+                break  # populate() stops here with ENOMEM
+            if not vma.vm_flags & need or vma.vm_flags & (VM_IO | VM_PFNMAP):
+                bad = addr
+                break
+            addr = vma.vm_end
+    populate(mm, start, end if bad is None else bad, write=write)
+    if bad is not None:
+        raise_errno(errno.EINVAL, "VMA does not allow the access")
+
+
 def _collapse(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
     """MADV_COLLAPSE: see :func:`vmemu.mmu.huge_memory.madvise_collapse`."""
     from vmemu.mmu.huge_memory import madvise_collapse
@@ -203,7 +230,7 @@ def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
     if end == start:
         return
     if advice in _POPULATE:
-        populate(mm, start, end, write=_POPULATE[advice])
+        _populate(mm, start, end, _POPULATE[advice])
         return
     handler = handlers.get(advice)
     with mm.lock:
