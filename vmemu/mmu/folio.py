@@ -150,6 +150,9 @@ class PhysMem:
         free = self._free.get(order)
         if free:
             return free.pop()
+        if not order:  # the common case: one frame at the end, no alignment to pad
+            self.mem_map.append(None)
+            return len(self.mem_map) - 1
         n = 1 << order
         start = len(self.mem_map)
         start = (start + n - 1) & ~(n - 1)  # natural alignment, as the buddy allocator gives

@@ -151,8 +151,8 @@ def handle_mm_fault(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any 
         return mm.huge_fault(vma, address, flags, task)
     idx = (address >> PAGE_SHIFT) & 511
     pte = table[idx]
-    vmf = VmFaultInfo(vma, address & PAGE_MASK, address, flags,
-                      vma.linear_page_index(address), table, idx, pte, task)
+    pgoff = vma.vm_pgoff + ((address - vma.vm_start) >> PAGE_SHIFT)  # linear_page_index
+    vmf = VmFaultInfo(vma, address & PAGE_MASK, address, flags, pgoff, table, idx, pte, task)
     if pte == 0:
         if vma.vm_file is None:
             return do_anonymous_page(mm, vmf)

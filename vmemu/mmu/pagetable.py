@@ -65,11 +65,13 @@ class PageTables:
 
     def pmd_table(self, addr: int, alloc: bool) -> list[int] | None:
         """The PMD table covering ``addr`` (``pmd_offset`` after ``pud_alloc``)."""
+        # a hot path (page walks of faults and range operations): _next() inlined
+        mem_map = self.phys.mem_map
         pgd = self.pgd
         i = (addr >> 39) & 511
         e = pgd[i]
         if e:
-            pud = self._next(e)
+            pud = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
         elif alloc:
             pud = self._alloc_into(pgd, i)
         else:
@@ -77,7 +79,7 @@ class PageTables:
         i = (addr >> 30) & 511
         e = pud[i]
         if e:
-            return self._next(e)
+            return mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]  # type: ignore[no-any-return]
         if alloc:
             return self._alloc_into(pud, i)
         return None
@@ -88,15 +90,24 @@ class PageTables:
         Returns None when a table is missing and ``alloc`` is false, or when
         the PMD holds a huge leaf (the caller inspects the PMD instead).
         """
-        pmd = self.pmd_table(addr, alloc)
-        if pmd is None:
-            return None
+        # every fault walks here: when the upper levels exist, walk them inline
+        # (the pmd_table(addr, alloc) below is the general case)
+        mem_map = self.phys.mem_map
+        e = self.pgd[(addr >> 39) & 511]
+        if e:
+            e = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(addr >> 30) & 511]
+        if e:
+            pmd = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+        else:
+            pmd = self.pmd_table(addr, alloc)
+            if pmd is None:
+                return None
         i = (addr >> 21) & 511
         e = pmd[i]
         if e:
             if e & _PAGE_PSE:
                 return None
-            return self._next(e)
+            return mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]  # type: ignore[no-any-return]
         if alloc:
             return self._alloc_into(pmd, i)
         return None
