@@ -122,6 +122,22 @@ def maps(mm: MmStruct) -> str:
     return "".join(show_map_vma(v) + "\n" for v in mm.vmas)
 
 
+def page_mapcount(folio: Folio, level: str) -> int:
+    """Mappings of one page of ``folio``, as smaps and pagemap count them.
+
+    ``folio.mapcount`` counts every mapping, PMD ones included; a PMD
+    leaf's share is the entire mapcount; a PTE-mapped page of a large folio
+    gets the entire mapcount plus its share of the page mappings (vmemu
+    keeps no per-page counts, so this is the average).
+    """
+    if not folio.order:
+        return folio.mapcount
+    if level == "pmd":
+        return folio.entire_mapcount
+    pages = folio.mapcount - folio.entire_mapcount
+    return folio.entire_mapcount + -(-pages // folio.nr_pages)
+
+
 def _kb(n_bytes: int | float) -> str:
     return f"{int(n_bytes) >> 10:8d} kB"
 
@@ -155,7 +171,7 @@ def smaps_vma(mm: MmStruct, vma: Vma) -> str:
         folio = mem_map[pfn]
         if not isinstance(folio, Folio):
             continue
-        mapcount = max(folio.mapcount + folio.entire_mapcount, 1)
+        mapcount = max(page_mapcount(folio, level), 1)
         dirty = bool(e & _PAGE_DIRTY) or folio.test(PG.dirty)
         rss += size
         share = size / mapcount
@@ -272,7 +288,7 @@ def pagemap_entry(mm: MmStruct, addr: int) -> int:
             if isinstance(folio, Folio):
                 if not folio.test(PG.anon):
                     flags |= PM_FILE
-                if folio.mapcount + folio.entire_mapcount == 1:
+                if page_mapcount(folio, "pmd" if me & _PAGE_PSE else "pte") == 1:
                     flags |= PM_MMAP_EXCLUSIVE
     elif is_uffd_wp_marker(e):
         flags |= PM_UFFD_WP
