@@ -21,7 +21,9 @@ Scenarios:
 * ``first-touch write``: one byte written (``Process.write``) to each page
   of a fresh private anonymous mapping, so every write takes an anonymous
   write fault (``do_anonymous_page``); reference: a dict-insert loop of
-  the same count.
+  the same count. The "floor" row is what the host alone charges for
+  the page data: allocating and keeping one ``bytearray(4096)`` (malloc
+  plus the host kernel's first-touch fault), part of every emulated fault.
 * ``heap per page``: ``tracemalloc`` over touching pages, divided by the
   number of pages, minus the 4096 data bytes: with the software TLB's
   entries included, and without them (the TLB holds at most 4096
@@ -42,7 +44,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))  # run from a checkout without installing
 
-from _harness import Scenario, best_of, format_table, run_round_robin, timed  # noqa: E402
+from _harness import (  # noqa: E402
+    Scenario,
+    best_of,
+    format_table,
+    run_round_robin,
+    timed,
+    use_cpu_time,
+)
 
 from vmemu import Kernel, Process  # noqa: E402
 from vmemu.constants import PAGE_SIZE  # noqa: E402
@@ -127,6 +136,7 @@ class FirstTouch(Scenario):
                     target=100_000, higher_is_better=True, fmt="{:,.0f}")
         self.metric("us", "  time per fault", "us", fmt="{:.2f}")
         self.metric("ratio", "  fault / dict insert", "x", fmt="{:.0f}")
+        self.metric("floor", "  floor: keeping a new bytearray(4096)", "us", fmt="{:.2f}")
 
     def run_once(self) -> None:
         p = fresh_process()
@@ -143,6 +153,13 @@ class FirstTouch(Scenario):
             for a in addrs:
                 d[a] = ONE
 
+        kept: list[bytearray] = []
+
+        def floor() -> None:  # the host's cost of fresh page data (malloc + first touch)
+            append = kept.append
+            for _ in addrs:
+                append(bytearray(PAGE_SIZE))
+
         t_ref = timed(ref)
         t_op = timed(touch)
         n = len(addrs)
@@ -150,6 +167,8 @@ class FirstTouch(Scenario):
         self.record("us", t_op / n * 1e6)
         self.record("ratio", t_op / t_ref)
         p.exit()
+        del p
+        self.record("floor", timed(floor) / n * 1e6)
 
 
 class Fork(Scenario):
@@ -234,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="8 MiB and fewer loops: a few seconds")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 9, quick 7)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU time instead of the wall clock")
     ap.add_argument("-v", "--verbose", action="store_true", help="show progress on stderr")
     args = ap.parse_args(argv)
+    if args.cpu_time:
+        use_cpu_time()
     size = 8 * MiB if args.quick else 64 * MiB
     loops = 20_000 if args.quick else 100_000
     reps = args.reps or (7 if args.quick else 9)
@@ -244,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = (lambda s: print(s, file=sys.stderr)) if args.verbose else None
     run_round_robin(scenarios, reps, progress)
     print(f"vmemu mm benchmarks: {size // MiB} MiB, {reps} repetitions, "
-          f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs "
-          f"(median, min, max over repetitions)")
+          f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"{'CPU' if args.cpu_time else 'wall'} time (median, min, max over repetitions)")
     print(format_table(scenarios, markdown=args.markdown))
     return 0
 
