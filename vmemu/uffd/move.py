@@ -183,6 +183,6 @@ def _move_one(mm: Any, src_vma: Vma, dst_vma: Vma, s: int, d: int, src_end: int,
         folio = mm.phys.mem_map[(src_pmd[si] & PTE_PFN_MASK) >> PAGE_SHIFT]
         if not folio.flags & PG.anon_exclusive:
             raise MfillError(errno.EBUSY)
-        mm.split_huge_pmd_at(src_vma, s & ~(PMD_SIZE - 1))
+        mm.split_huge_range(src_vma, s, s + PAGE_SIZE)
     move_pte(mm, src_vma, dst_vma, s, d, mode)
     return PAGE_SIZE

@@ -1,0 +1,403 @@
+"""The uffd-unit-tests checklist as a table: test x memory type x required features.
+
+Mirrors ``tools/testing/selftests/mm/uffd-unit-tests.c``. Every test runs on
+every memory type it applies to (anon, shmem, shmem-private, hugetlb,
+hugetlb-private); a combination the kernel's own table excludes is a skip
+with the reason it gives, never a silent pass.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+from uffd_harness import HPAGE, MEM_TYPES, Area, FaultHandler, make_area, make_kernel, open_uffd
+
+import vmemu
+from vmemu.constants import (
+    MADV_DONTFORK,
+    MADV_DONTNEED,
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    MADV_REMOVE,
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PAGE_SIZE,
+    PROT_READ,
+    PROT_WRITE,
+)
+from vmemu.mmu.proc import PM_PRESENT, PM_UFFD_WP
+from vmemu.uffd import uapi
+
+MISSING = uapi.UFFDIO_REGISTER_MODE_MISSING
+WP = uapi.UFFDIO_REGISTER_MODE_WP
+MINOR = uapi.UFFDIO_REGISTER_MODE_MINOR
+
+
+def _bit(n: int) -> int:
+    return 1 << n
+
+
+def setup(kind: str, npages: int = 4, **kw: object) -> tuple[vmemu.Process, Area]:
+    k = make_kernel(kind, **kw)  # type: ignore[arg-type]
+    p = k.spawn()
+    return p, make_area(p, kind, npages)
+
+
+def only(kinds: list[str], kind: str) -> None:
+    if kind not in kinds:
+        pytest.skip(f"uffd-unit-tests runs this test only on {', '.join(kinds)}")
+
+
+@pytest.mark.parametrize("via", ["syscall", "dev"])
+def test_api(via: str) -> None:
+    p = vmemu.Process()
+    make = (lambda: p.userfaultfd(0)) if via == "syscall" else \
+        (lambda: p.open_dev_userfaultfd().new(0))
+    u = make()
+    with pytest.raises(OSError) as e:
+        u.api(0, api=0xAB)
+    assert e.value.errno == errno.EINVAL
+    assert (e.value.struct.api, e.value.struct.features, e.value.struct.ioctls) == (0, 0, 0)
+    with pytest.raises(OSError) as e:
+        u.api(1 << 63)
+    assert e.value.errno == errno.EINVAL
+    arg = u.api(0)
+    assert arg.features == uapi.UFFD_API_FEATURES
+    assert arg.ioctls == uapi.UFFD_API_IOCTLS
+    with pytest.raises(OSError) as e:
+        u.api(0)
+    assert e.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+@pytest.mark.parametrize("mode", range(8))
+def test_register_ioctls(kind: str, mode: int) -> None:
+    p, area = setup(kind)
+    u = open_uffd(p)
+    if mode == 0 or (mode & MINOR and kind == "anon"):
+        with pytest.raises(OSError) as e:
+            u.register(area.dst, area.size, mode)
+        assert e.value.errno == errno.EINVAL
+        return
+    ioctls = u.register(area.dst, area.size, mode)
+    assert ioctls & _bit(uapi._UFFDIO_WAKE)
+    assert ioctls & _bit(uapi._UFFDIO_COPY)
+    assert bool(ioctls & _bit(uapi._UFFDIO_WRITEPROTECT)) == bool(mode & WP)
+    assert bool(ioctls & _bit(uapi._UFFDIO_CONTINUE)) == bool(mode & MINOR)
+    assert bool(ioctls & _bit(uapi._UFFDIO_ZEROPAGE)) == (not area.hugetlb)
+    p.check()
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_zeropage(kind: str) -> None:
+    p, area = setup(kind)
+    u = open_uffd(p)
+    ioctls = u.register(area.dst, area.size, MISSING)
+    if not ioctls & _bit(uapi._UFFDIO_ZEROPAGE):
+        with pytest.raises(OSError) as e:
+            u.zeropage(area.dst, area.page_size)
+        assert e.value.errno == errno.EINVAL
+        assert e.value.struct.zeropage == -errno.EINVAL
+        return
+    assert u.zeropage(area.dst, area.page_size) == area.page_size
+    assert p.read(area.dst, 64) == bytes(64)
+    with pytest.raises(OSError) as e:
+        u.zeropage(area.dst, area.page_size)
+    assert e.value.errno == errno.EEXIST and e.value.struct.zeropage == -errno.EEXIST
+    p.check()
+
+
+def _move_setup(npages: int, page: int, huge: bool) -> tuple[vmemu.Process, object, int, int]:
+    p = vmemu.Process()
+    size = npages * page
+    dst = p.mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+    src = p.mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+    p.madvise(src, size, MADV_DONTFORK)
+    advice = MADV_HUGEPAGE if huge else MADV_NOHUGEPAGE
+    p.madvise(src, size, advice)
+    p.madvise(dst, size, advice)
+    for i in range(npages):
+        p.write(src + i * page, bytes([i + 1]) * 16)
+    u = open_uffd(p, uapi.UFFD_FEATURE_MOVE)
+    u.register(dst, size, MISSING)
+    return p, u, dst, src
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+@pytest.mark.parametrize("variant", ["move", "move-pmd", "move-pmd-split"])
+def test_move(kind: str, variant: str) -> None:
+    only(["anon"], kind)
+    huge = variant == "move-pmd"
+    chunk = HPAGE if variant != "move" else PAGE_SIZE
+    npages = 2
+    p, u, dst, src = _move_setup(npages, chunk, huge)
+    faults: list[bytes] = []
+    for i in range(npages):
+        t = threading.Thread(
+            target=lambda i=i: faults.append(p.thread("T").read(dst + i * chunk, 16)))
+        t.start()
+        _wait_msgs(u, 1)
+        msg = u.read_msgs(32)[0]
+        assert isinstance(msg, uapi.PagefaultMsg)
+        off = (msg.address - dst) & ~(chunk - 1)
+        try:
+            u.move(dst + off, src + off, chunk, uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES)
+        except OSError as e:
+            assert e.errno == errno.EEXIST
+            u.wake(dst + off, chunk)
+        t.join(5)
+        assert not t.is_alive()
+        p.check()
+    for i in range(npages):
+        assert p.read(dst + i * chunk, 16) == bytes([i + 1]) * 16
+        assert p.read(src + i * chunk, 16) == bytes(16)
+    assert len(faults) == npages
+    p.check()
+
+
+def _wait_msgs(u: object, n: int, timeout: float = 5.0) -> None:
+    import select
+
+    r, _, _ = select.select([u.fileno()], [], [], timeout)  # type: ignore[attr-defined]
+    assert r, "no userfault message arrived"
+
+
+def _wp_fork(kind: str, with_event: bool) -> None:
+    feats = uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    if with_event:
+        feats |= uapi.UFFD_FEATURE_EVENT_FORK
+    p, area = setup(kind, 1)
+    p.write(area.dst, b"x")
+    u = open_uffd(p, feats)
+    u.register(area.dst, area.size, WP)
+    u.writeprotect(area.dst, area.size, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+    assert p.pagemap(area.dst) & PM_UFFD_WP
+    child_box: list[vmemu.Process] = []
+    t = threading.Thread(target=lambda: child_box.append(p.fork()))
+    t.start()
+    if with_event:
+        _wait_msgs(u, 1)
+        msg = u.read_msgs(32)[0]
+        assert isinstance(msg, uapi.ForkMsg)
+    t.join(5)
+    assert not t.is_alive()
+    child = child_box[0]
+    assert bool(child.pagemap(area.dst) & PM_UFFD_WP) == with_event
+    child.exit()
+    # a zap keeps the bit: shared -> DONTNEED, private -> PAGEOUT in the selftest
+    if area.file_backed and not kind.endswith("private"):
+        p.madvise(area.dst, area.size, MADV_DONTNEED)
+    assert p.pagemap(area.dst) & PM_UFFD_WP
+    u.writeprotect(area.dst, area.size, 0)
+    assert not p.pagemap(area.dst) & PM_UFFD_WP
+    p.read(area.dst, 1)
+    assert not p.pagemap(area.dst) & PM_UFFD_WP
+    p.check()
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_wp_fork(kind: str) -> None:
+    _wp_fork(kind, False)
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_wp_fork_with_event(kind: str) -> None:
+    _wp_fork(kind, True)
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_wp_fork_pin(kind: str) -> None:
+    pytest.skip("needs a long-term GUP pin (CONFIG_GUP_TEST's gup_test); vmemu has no pin API")
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_wp_unpopulated(kind: str) -> None:
+    only(["anon"], kind)
+    p, area = setup(kind, 1)
+    u = open_uffd(p, uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uapi.UFFD_FEATURE_WP_UNPOPULATED)
+    u.register(area.dst, area.size, WP)
+    u.writeprotect(area.dst, area.size, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+    assert p.pagemap(area.dst) & PM_UFFD_WP and not p.pagemap(area.dst) & PM_PRESENT
+    u.writeprotect(area.dst, area.size, 0)
+    assert not p.pagemap(area.dst) & PM_UFFD_WP
+    u.writeprotect(area.dst, area.size, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+    p.madvise(area.dst, area.size, MADV_DONTNEED)
+    assert not p.pagemap(area.dst) & PM_UFFD_WP
+    p.write(area.dst, b"ok")
+    u.writeprotect(area.dst, area.size, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+    p.madvise(area.dst, area.size, MADV_DONTNEED)
+    u.writeprotect(area.dst, area.size, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+    assert p.read(area.dst, 2) == b"\0\0"
+    assert p.pagemap(area.dst) & PM_UFFD_WP and p.pagemap(area.dst) & PM_PRESENT
+    p.check()
+
+
+def _minor(kind: str, wp: bool) -> None:
+    p, area = setup(kind)
+    for i in range(area.npages):
+        assert area.alias is not None
+        p.write(area.alias + i * area.page_size, bytes([i + 1]) * 64)
+    feats = uapi.UFFD_FEATURE_MINOR_SHMEM | uapi.UFFD_FEATURE_MINOR_HUGETLBFS
+    mode = MINOR | (WP if wp else 0)
+    u = open_uffd(p, feats | (uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP if wp else 0))
+    u.register(area.dst, area.size, mode)
+    with FaultHandler(area, u) as h:
+        for i in range(area.npages):
+            data = p.thread("T").read(area.dst + i * area.page_size, 64)
+            assert data == bytes([(i + 1) ^ 0xFF]) * 64
+    assert h.counters.minor == area.npages and h.counters.missing == 0
+    with pytest.raises(OSError) as e:
+        u.continue_(area.dst, area.page_size)
+    assert e.value.errno == errno.EEXIST and e.value.struct.mapped == -errno.EEXIST
+    p.check()
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_minor(kind: str) -> None:
+    only(["shmem", "hugetlb"], kind)
+    _minor(kind, False)
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_minor_wp(kind: str) -> None:
+    only(["shmem", "hugetlb"], kind)
+    _minor(kind, True)
+
+
+def _sigbus(kind: str, wp: bool) -> None:
+    feats = uapi.UFFD_FEATURE_SIGBUS | uapi.UFFD_FEATURE_EVENT_FORK
+    if wp:
+        feats |= uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    p, area = setup(kind)
+    u = open_uffd(p, feats)
+    u.register(area.dst, area.size, MISSING | (WP if wp else 0))
+    h = FaultHandler(area, u, wp_copy=wp)
+    signals = 0
+    for i in range(area.npages):
+        addr = area.dst + i * area.page_size + 3
+        with pytest.raises(vmemu.Sigbus) as e:
+            p.read(addr, 1)
+        assert e.value.si_addr == addr and e.value.si_code == vmemu.BUS_ADRERR
+        signals += 1
+        h.copy_page(addr & ~(area.page_size - 1))
+        p.read(addr, 1)
+        if wp:
+            with pytest.raises(vmemu.Sigbus):
+                p.write(addr, b"w")
+            signals += 1
+            u.writeprotect(addr & ~(area.page_size - 1), area.page_size, 0)
+            p.write(addr, b"w")
+    assert signals == area.npages * (2 if wp else 1)
+    with pytest.raises(OSError) as eagain:
+        u.read_msgs(32)
+    assert eagain.value.errno == errno.EAGAIN
+    p.check()
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_sigbus(kind: str) -> None:
+    _sigbus(kind, False)
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_sigbus_wp(kind: str) -> None:
+    _sigbus(kind, True)
+
+
+def _events(kind: str, wp: bool) -> None:
+    feats = uapi.UFFD_FEATURE_EVENT_FORK | uapi.UFFD_FEATURE_EVENT_REMAP \
+        | uapi.UFFD_FEATURE_EVENT_REMOVE
+    if wp:
+        feats |= uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    p, area = setup(kind, 4)
+    u = open_uffd(p, feats)
+    u.register(area.dst, area.size, MISSING | (WP if wp else 0))
+    with FaultHandler(area, u) as h:
+        child = p.fork()
+        half = area.npages // 2
+        for i in range(half):
+            child.read(area.dst + i * area.page_size, 1)
+        target = child.mmap(0, area.size + area.page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS)
+        target = (target + area.page_size - 1) & ~(area.page_size - 1)
+        child.munmap(target, area.size)
+        moved = child.mremap(area.dst, area.size, area.size, MREMAP_MAYMOVE | MREMAP_FIXED, target)
+        for i in range(half, area.npages):
+            child.read(moved + i * area.page_size, 1)
+        advice = MADV_REMOVE if area.file_backed and not kind.endswith("private") \
+            else MADV_DONTNEED
+        child.madvise(moved, area.size, advice)
+        assert child.read(moved, 8) == bytes(8)
+        child.exit()
+    kinds = [type(m).__name__ for m in h.counters.events]
+    assert kinds[:2] == ["ForkMsg", "RemapMsg"] and "RemoveMsg" in kinds
+    assert h.counters.missing == area.npages
+    p.check()
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_events(kind: str) -> None:
+    _events(kind, False)
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_events_wp(kind: str) -> None:
+    _events(kind, True)
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_poison(kind: str) -> None:
+    p, area = setup(kind, 4)
+    u = open_uffd(p, uapi.UFFD_FEATURE_POISON)
+    ioctls = u.register(area.dst, area.size, MISSING)
+    assert ioctls & _bit(uapi._UFFDIO_COPY) and ioctls & _bit(uapi._UFFDIO_POISON)
+    h = FaultHandler(area, u, fill=lambda i: bytes(area.page_size))
+    sigbus = 0
+    for i in range(area.npages):
+        page = area.dst + i * area.page_size
+        if i % 2:
+            h.copy_page(page)
+        else:
+            assert u.poison(page, area.page_size) == area.page_size
+    for i in range(area.npages):
+        try:
+            p.read(area.dst + i * area.page_size, 1)
+        except vmemu.Sigbus:
+            sigbus += 1
+    assert sigbus == area.npages // 2
+    p.check()
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_mmap_changing(kind: str) -> None:
+    only(["shmem"], kind)
+    p, area = setup(kind, 4)
+    u = open_uffd(p, uapi.UFFD_FEATURE_EVENT_REMOVE | uapi.UFFD_FEATURE_MOVE
+                  | uapi.UFFD_FEATURE_POISON | uapi.UFFD_FEATURE_MINOR_SHMEM)
+    u.register(area.dst, area.size, MISSING | MINOR)
+    src = p.mmap(0, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+    t = threading.Thread(target=lambda: p.madvise(area.dst, PAGE_SIZE, MADV_REMOVE))
+    t.start()
+    _wait_msgs(u, 1)
+    page = area.dst + PAGE_SIZE
+    for name, call, field in [
+        ("copy", lambda: u.copy(page, src, PAGE_SIZE), "copy"),
+        ("zeropage", lambda: u.zeropage(page, PAGE_SIZE), "zeropage"),
+        ("move", lambda: u.move(page, src, PAGE_SIZE), "move"),
+        ("poison", lambda: u.poison(page, PAGE_SIZE), "updated"),
+        ("continue", lambda: u.continue_(page, PAGE_SIZE), "mapped"),
+    ]:
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EAGAIN, name
+        assert getattr(e.value.struct, field) == -errno.EAGAIN, name
+    assert t.is_alive()
+    msg = u.read_msgs(32)[0]
+    assert isinstance(msg, uapi.RemoveMsg)
+    t.join(5)
+    assert not t.is_alive()
+    assert u.zeropage(page, PAGE_SIZE) == PAGE_SIZE
+    p.check()
