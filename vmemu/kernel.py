@@ -24,11 +24,16 @@ class Kernel:
     def __init__(self, mem_limit_pages: int | None = None, *, runtime: Any = None,
                  uffd_profile: Any = None) -> None:
         from vmemu.sched.threads import ThreadRuntime
+        from vmemu.sched.trace import Tracer
         from vmemu.uffd.profile import LINUX_6_18
 
         self.phys = PhysMem(limit_pages=mem_limit_pages)
-        # how tasks block: real threads unless a simulation or inline runtime is given
-        self.runtime = runtime if runtime is not None else ThreadRuntime()
+        # how tasks block: real threads unless a simulation or inline runtime is given;
+        # the default runtime does not trace (a long run would keep every event)
+        if runtime is None:
+            runtime = ThreadRuntime(tracer=Tracer(enabled=False))
+        self.runtime = runtime
+        self.phys.runtime = runtime
         self.uffd_profile = uffd_profile if uffd_profile is not None else LINUX_6_18
         self._pids = itertools.count(1000)
         self.processes: dict[int, Process] = {}
@@ -108,6 +113,14 @@ class Kernel:
         from vmemu.mmu.huge_memory import set_thp_enabled
 
         set_thp_enabled(self.phys, policy)
+
+    def run(self, main: Any, *args: Any) -> Any:
+        """Run ``main(*args)`` as the first task and wait for every task (``runtime.run``).
+
+        Under a :class:`~vmemu.sched.SimRuntime` this is the whole simulation:
+        deterministic for a given seed, raising ``Deadlock`` if every task blocks.
+        """
+        return self.runtime.run(main, *args)
 
     def memory_statistics(self) -> PhysMemStats:
         """Frame usage of the whole machine."""

@@ -243,6 +243,16 @@ class Process:
     def __repr__(self) -> str:
         return f"Process({self.name!r}, pid={self.pid})"
 
+    def spawn(self, fn: Any, *args: Any, name: str) -> Any:
+        """Run ``fn(task, *args)`` as a new task of this process on the kernel's runtime.
+
+        ``task`` is the process's :class:`Task` called ``name`` (its tid is the
+        ``ptid`` of the userfaults it takes). Returns the runtime's task handle:
+        ``join()`` gives ``fn``'s result or re-raises what it raised.
+        """
+        task = self.thread(name)
+        return self.kernel.runtime.spawn(fn, task, *args, name=name)
+
     def thread(self, name: str) -> Task:
         """The task called ``name``, created on first use (``clone(CLONE_VM)``)."""
         t = self.tasks.get(name)

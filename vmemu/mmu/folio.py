@@ -136,6 +136,7 @@ class PhysMem:
         self.reclaim_hook: Any = self._try_to_free_pages
         self.swap: Any = None  # the machine's SwapSpace (vmemu.mmu.swapfile), made on first use
         self.mms: list[Any] = []  # live address spaces, for check() and rmap
+        self.runtime: Any = None  # the kernel's runtime: costs are charged to it
         self.hugetlb: Any = None  # the hugetlb pool (vmemu.mmu.hugetlb), made on first use
         self.thp_enabled = "madvise"  # /sys/kernel/mm/transparent_hugepage/enabled
         self.vmstat: Counter[str] = Counter()  # /proc/vmstat events (thp_fault_alloc, ...)
@@ -180,6 +181,8 @@ class PhysMem:
             self.mem_map[pfn] = folio
         self.pages_in_use += n
         self.nr_folios += 1
+        if self.runtime is not None:
+            self.runtime.charge("page_alloc", n)
         return folio
 
     def _try_to_free_pages(self, nr_pages: int) -> None:

@@ -504,6 +504,10 @@ class MmStruct:
         elif not vma.vm_flags & (VM_READ | VM_WRITE | VM_EXEC):
             raise Sigsegv(SEGV_ACCERR, addr)
         flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0)
+        rt = self.phys.runtime
+        if rt is not None:  # page-fault entry/exit on the virtual clock, and a tracepoint
+            rt.charge("fault")
+            rt.tracer.emit("fault", addr=addr, write=write)
         return handle_mm_fault(self, vma, addr, flags, task)
 
     # -- introspection ---------------------------------------------------------

@@ -249,6 +249,21 @@ class Userfaultfd:
 
         return pagemap_scan(self, start, end, flags)
 
+    def set_inline_handler(self, handler: Any) -> None:
+        """Handle faults on the faulting task itself: ``handler(uffd)`` runs before it sleeps.
+
+        The asynchronous-read idea of the polling-mode proposal, done the
+        simplest way: instead of waking a handler thread, the task that
+        faulted (or raised an event) calls ``handler``, which reads the queued
+        messages with :meth:`read_msgs` and resolves them with the usual
+        ioctls. A handler that touches memory registered with this uffd and
+        unresolved faults again inside itself: that is reported as
+        ``vmemu.sched.ReentrantFault``, never a hang. ``None`` switches it off.
+        """
+        resolver = None if handler is None else (lambda _key: handler(self))
+        self.fault_wq.set_resolver(resolver)
+        self.event_wq.set_resolver(resolver)
+
     # -- reading messages ---------------------------------------------------------
 
     def _dequeue_one(self) -> UffdMsg | None:
