@@ -25,7 +25,10 @@ from vmemu.mmu.pgtable import (
     _PAGE_RW,
     _PAGE_SPECIAL,
     PTE_PFN_MASK,
+    SWP_HWPOISON,
     is_real_swap_pte,
+    swp_offset,
+    swp_type,
 )
 from vmemu.mmu.rmap import rmap_walk
 from vmemu.mmu.vma import AnonVma
@@ -48,6 +51,10 @@ def check_mm(mm: MmStruct, maps: Counter[int], entire: Counter[int],
         if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
             if is_real_swap_pte(e):
                 mm.check_swap_pte(addr, e)
+            elif swp_type(e) == SWP_HWPOISON:
+                bad = mem_map[swp_offset(e)]
+                assert isinstance(bad, Folio) and bad.flags & PG.hwpoison, \
+                    f"hwpoison entry at {addr:#x} names a frame that is not poisoned"
             continue
         pfn = (e & PTE_PFN_MASK) >> PAGE_SHIFT
         if e & _PAGE_SPECIAL:

@@ -244,6 +244,8 @@ class PhysMem:
             n += 1  # a hugetlbfs page cache, keyed by huge-page index
         if folio.flags & PG.swapcache:
             n += 1
+        if folio.flags & PG.hwpoison:
+            n += 1  # memory_failure keeps the frame out of service
         return n
 
     def statistics(self) -> PhysMemStats:

@@ -21,6 +21,9 @@ from vmemu.mmu.vma import VM_ACCESS_FLAGS, VM_READ, VM_SHARED, VM_WRITE
 if TYPE_CHECKING:
     from vmemu.mmu.mm import MmStruct
 
+# Linux's errno for a poisoned page (include/uapi/asm-generic/errno.h); Python's errno lacks it.
+EHWPOISON = 133
+
 MAX_RETRIES = 64
 
 
@@ -48,7 +51,7 @@ def faultin_page(mm: MmStruct, addr: int, write: bool, task: Any = None) -> None
         if fault & VmFault.OOM:
             raise_errno(errno.ENOMEM)
         if fault & VmFault.HWPOISON:
-            raise_errno(errno.EHWPOISON)
+            raise_errno(EHWPOISON)
         if fault & (VmFault.SIGBUS | VmFault.SIGSEGV):
             raise_errno(errno.EFAULT)
     raise AssertionError(f"populate of {addr:#x} did not converge")

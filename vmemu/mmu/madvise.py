@@ -23,6 +23,7 @@ from vmemu.constants import (
     MADV_DONTNEED_LOCKED,
     MADV_FREE,
     MADV_HUGEPAGE,
+    MADV_HWPOISON,
     MADV_KEEPONFORK,
     MADV_NOHUGEPAGE,
     MADV_NORMAL,
@@ -215,7 +216,7 @@ def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
         MADV_COLLAPSE: _collapse,
     }
     handlers.update(mm.extra_madvise)
-    if advice not in handlers and advice not in _POPULATE:
+    if advice not in handlers and advice not in _POPULATE and advice != MADV_HWPOISON:
         raise_errno(errno.EINVAL, f"unknown advice {advice}")
     start &= _ULONG_MASK  # start and len_in are unsigned long / size_t in the syscall
     len_in &= _ULONG_MASK
@@ -231,6 +232,11 @@ def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
         return
     if advice in _POPULATE:
         _populate(mm, start, end, _POPULATE[advice])
+        return
+    if advice == MADV_HWPOISON:  # is_memory_failure: no VMA walk
+        from vmemu.mmu.memory_failure import madvise_inject_error
+
+        madvise_inject_error(mm, start, end, advice)
         return
     handler = handlers.get(advice)
     with mm.lock:
