@@ -11,7 +11,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmemu", description=__doc__)
     sub = parser.add_subparsers(dest="cmd")
     sub.add_parser("tour", help="a narrated run through page tables, faults, fork and signals")
+    tr = sub.add_parser("trace", help="the timeline of a userfault handled by a handler task")
+    tr.add_argument("--seed", type=int, default=1, help="scheduler seed of the simulation")
     args = parser.parse_args(argv)
+    if args.cmd == "trace":
+        from vmemu.tour import userfault_demo
+
+        _notes, timeline = userfault_demo(args.seed)
+        print(timeline)
+        return 0
     if args.cmd == "tour":
         from vmemu.tour import run_tour
 

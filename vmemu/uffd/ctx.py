@@ -190,7 +190,7 @@ class Userfaultfd:
         from vmemu.uffd.ioctl import dispatch
 
         caller_mm = (caller or self.process).mm
-        self.trace("uffd_ioctl", cmd=cmd)
+        self.trace("uffd_ioctl", cmd=uapi.IOCTL_NAMES.get(cmd, hex(cmd)))
         self.kernel.runtime.charge("syscall")
         return dispatch(self, cmd, arg, caller_mm)
 

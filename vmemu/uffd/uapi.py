@@ -610,3 +610,18 @@ def names_to_flags(names: list[str | int] | tuple[str | int, ...], table: dict[s
     for n in names:
         value |= n if isinstance(n, int) else table[n]
     return value
+
+
+# ioctl command number -> its C name, for traces and error messages
+IOCTL_NAMES: dict[int, str] = {
+    UFFDIO_API: "UFFDIO_API",
+    UFFDIO_REGISTER: "UFFDIO_REGISTER",
+    UFFDIO_UNREGISTER: "UFFDIO_UNREGISTER",
+    UFFDIO_WAKE: "UFFDIO_WAKE",
+    UFFDIO_COPY: "UFFDIO_COPY",
+    UFFDIO_ZEROPAGE: "UFFDIO_ZEROPAGE",
+    UFFDIO_MOVE: "UFFDIO_MOVE",
+    UFFDIO_WRITEPROTECT: "UFFDIO_WRITEPROTECT",
+    UFFDIO_CONTINUE: "UFFDIO_CONTINUE",
+    UFFDIO_POISON: "UFFDIO_POISON",
+}
