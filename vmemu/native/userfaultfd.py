@@ -215,6 +215,10 @@ class NativeUserfaultfd:
         """Read and decode messages (see :meth:`read_raw`)."""
         return uapi.decode_msgs(self.read_raw(nbytes))
 
+    def read_msgs(self, nbytes: int = uapi.UFFD_MSG_SIZE) -> list[UffdMsg]:
+        """Read and decode messages: the name the emulator's Userfaultfd uses too."""
+        return self.read(nbytes)
+
     def poll(self, events: int = select.POLLIN, timeout_ms: int = 0) -> int:
         """``poll(2)`` on the uffd alone; returns ``revents`` (``userfaultfd_poll``:
         POLLERR before API or on a blocking fd, POLLIN while messages are pending)."""

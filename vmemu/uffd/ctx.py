@@ -315,7 +315,11 @@ class Userfaultfd:
                                   reason="read()")
         return out
 
-    def read(self, nbytes: int = UFFD_MSG_SIZE) -> bytes:
+    def read(self, nbytes: int = UFFD_MSG_SIZE) -> list[UffdMsg]:
+        """read(2), decoded: the same as :meth:`read_msgs` (and as the native binding's ``read``)."""
+        return self.read_msgs(nbytes)
+
+    def read_raw(self, nbytes: int = UFFD_MSG_SIZE) -> bytes:
         """read(2) returning the raw 32-byte ``uffd_msg``s, exactly as the kernel lays them out."""
         return b"".join(m.pack() for m in self.read_msgs(nbytes))
 
