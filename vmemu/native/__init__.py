@@ -5,6 +5,9 @@ uffd, so a handler or a scenario runs on the emulator and on Linux:
 
 * :mod:`vmemu.native.libc` - mmap/munmap/mremap/madvise/mprotect/memfd through
   ctypes, raising ``OSError(errno)``;
+* :class:`NativeProcess` - this process with :class:`vmemu.Process`'s method
+  names (mmap, read/write, thread, spawn, userfaultfd, memfd...), so a
+  handler written for the emulator runs unchanged on the kernel;
 * :mod:`vmemu.native.userfaultfd` - :class:`NativeUserfaultfd`, the real uffd
   with raw ``ioctl(cmd, struct)`` and Pythonic methods;
 * :mod:`vmemu.native.access` - user-mode accesses that survive SIGBUS/SIGSEGV
@@ -17,6 +20,7 @@ Linux x86-64 only; the uffd needs root, CAP_SYS_PTRACE or
 
 from __future__ import annotations
 
+from vmemu.native.process import NativeHandle, NativeProcess, NativeTask
 from vmemu.native.userfaultfd import NativeUserfaultfd
 
-__all__ = ["NativeUserfaultfd"]
+__all__ = ["NativeHandle", "NativeProcess", "NativeTask", "NativeUserfaultfd"]
