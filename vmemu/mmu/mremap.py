@@ -10,7 +10,8 @@ Where both addresses are aligned, whole tables move with one entry: a PTE
 table by re-pointing the PMD entry (``move_normal_pmd``), a PMD table by
 re-pointing the PUD entry (``move_normal_pud``), and a huge PMD leaf
 (``_PAGE_PSE``, a THP) moves whole (``move_huge_pmd``). A huge PMD only
-partly covered is split first through ``mm.split_huge_pmd_at``.
+partly covered, or whose destination is not PMD-aligned, is split first
+(``split_huge_pmd`` of ``huge_memory``).
 
 The order of the checks is the kernel's (``check_mremap_params``,
 ``check_prep_vma``), so a call with several problems fails with the same
@@ -276,7 +277,9 @@ def move_page_tables(mm: MmStruct, vma: Vma, old_addr: int, new_addr: int, lengt
             continue
         leaf = bool(e & _PAGE_PSE) or not e & _PAGE_PRESENT
         if leaf and extent != PMD_SIZE:
-            mm.split_huge_pmd_at(vma, old)
+            from vmemu.mmu.huge_memory import split_huge_pmd
+
+            split_huge_pmd(mm, vma, old)  # unconditionally, unlike split_huge_pmd_at
             e = pmd[i]
             leaf = bool(e & _PAGE_PSE) or not e & _PAGE_PRESENT
             if leaf and e:
