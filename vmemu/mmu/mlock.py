@@ -89,7 +89,7 @@ def apply_vma_lock_flags(mm: MmStruct, start: int, length: int, flags: int) -> N
             if nstart >= end:
                 return
             nxt = mm.vmas.find_vma(nstart)
-            if nxt is None or nxt.vm_start != nstart:
+            if nxt is None or nxt.vm_start > nstart:  # a merge may have moved vm_start down
                 raise_errno(errno.ENOMEM, "range not fully mapped")
             vma = nxt
 

@@ -1,0 +1,127 @@
+"""MADV_HWPOISON: memory_failure unmaps a page everywhere; accesses get SIGBUS BUS_MCEERR_AR."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from vmemu import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PAGE_SIZE, Process
+from vmemu.constants import (
+    BUS_MCEERR_AR,
+    MADV_DONTNEED,
+    MADV_HWPOISON,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
+from vmemu.errors import Sigbus
+from vmemu.mmu.folio import PG
+from vmemu.mmu.pgtable import SWP_HWPOISON, pte_pfn, swp_offset, swp_type
+
+P = PAGE_SIZE
+RW = PROT_READ | PROT_WRITE
+BASE = 0x400000000
+
+
+@pytest.fixture
+def p():
+    proc = Process()
+    yield proc
+    proc.check()
+    proc.exit()
+
+
+def poison(p: Process, addr: int, n: int = 1) -> Sigbus | None:
+    try:
+        p.madvise(addr, n * P, MADV_HWPOISON)
+    except Sigbus as s:
+        return s
+    return None
+
+
+def test_dirty_anon_page_signals_the_caller_and_every_access(p):
+    a = p.mmap(BASE, 2 * P, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    p.write(a, b"data")
+    p.write(a + P, b"more")
+    pfn = pte_pfn(p.walk(a)[-1].entry)
+    sig = poison(p, a)
+    assert sig is not None and sig.si_code == BUS_MCEERR_AR and sig.si_addr == a
+    e = p.walk(a)[-1].entry
+    assert swp_type(e) == SWP_HWPOISON and swp_offset(e) == pfn
+    assert p.mm.phys.mem_map[pfn].flags & PG.hwpoison
+    p.check()
+    for write in (False, True):
+        with pytest.raises(Sigbus) as s:
+            p.touch(a + 8, write)
+        assert s.value.si_code == BUS_MCEERR_AR and s.value.si_addr == a + 8
+    assert p.read(a + P, 4) == b"more"
+    with pytest.raises(OSError) as err:
+        p.madvise(a, P, MADV_HWPOISON)  # GUP now meets the poison
+    assert err.value.errno == 133  # EHWPOISON
+    p.madvise(a, P, MADV_DONTNEED)  # the entry goes; the page reads as zero again
+    assert p.read(a, 4) == bytes(4)
+
+
+def test_cow_shared_page_is_unmapped_from_parent_and_child(p):
+    a = p.mmap(BASE, P, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    p.write(a, b"x")
+    child = p.fork()
+    assert poison(p, a) is not None
+    p.check()
+    with pytest.raises(Sigbus):
+        child.read(a, 1)
+    grandchild = child.fork()  # the hwpoison entry is copied at fork
+    with pytest.raises(Sigbus):
+        grandchild.read(a, 1)
+    grandchild.exit()
+    child.exit()
+
+
+def test_shmem_page_stays_poisoned_in_the_page_cache(p):
+    a = p.mmap(BASE, 2 * P, RW, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED)
+    p.write(a, b"s")
+    child = p.fork()
+    assert poison(p, a) is not None  # dirty
+    with pytest.raises(Sigbus):
+        child.read(a, 1)
+    p.madvise(a, P, MADV_DONTNEED)
+    with pytest.raises(Sigbus) as s:  # refault finds the poisoned cache page
+        p.read(a, 1)
+    assert s.value.si_code == BUS_MCEERR_AR
+    child.exit()
+
+
+def test_clean_shmem_page_does_not_signal_at_injection(p):
+    a = p.mmap(BASE, P, PROT_READ, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED)
+    assert poison(p, a) is None  # GUP read-faulted a clean page
+    with pytest.raises(Sigbus):
+        p.read(a, 1)
+
+
+def test_errors(p):
+    a = p.mmap(BASE, P, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    b = p.mmap(BASE + 2 * P, P, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    for addr, want in ((BASE + P, errno.EFAULT), (b, errno.EFAULT), (a, errno.EBUSY)):
+        with pytest.raises(OSError) as e:
+            p.madvise(addr, P, MADV_HWPOISON)  # unpopulated private page: the zero page
+        assert e.value.errno == want
+    with pytest.raises(OSError) as e:
+        p.madvise(a + 1, P, MADV_HWPOISON)
+    assert e.value.errno == errno.EINVAL
+    p.write(a, b"x")
+    p.capable_sys_admin = False
+    with pytest.raises(OSError) as e:
+        p.madvise(a, P, MADV_HWPOISON)
+    assert e.value.errno == errno.EPERM
+    assert p.read(a, 1) == b"x"
+
+
+def test_munmap_and_exit_after_poison(p):
+    a = p.mmap(BASE, 4 * P, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    for i in range(4):
+        p.write(a + i * P, b"y")
+    assert poison(p, a + P, 2) is not None
+    p.check()
+    p.munmap(a, 4 * P)
+    p.check()
