@@ -292,6 +292,14 @@ class Process:
         """Install an open file (memfd, userfaultfd) at the lowest free fd (``fd_install``)."""
         return self._install_fd(f)
 
+    def receive_fd(self, f: Any) -> int:
+        """Take another reference to an open file and install it here (SCM_RIGHTS, ``receive_fd``).
+
+        How a monitor process gets the uffd of the process it serves.
+        """
+        f.refs += 1
+        return self._install_fd(f)
+
     # -- userfaultfd -------------------------------------------------------------
 
     def userfaultfd(self, flags: int = 0) -> Userfaultfd:
