@@ -1,4 +1,4 @@
-"""Every errno path of the userfaultfd uABI, one test each (``fs/userfaultfd.c``, ``mm/userfaultfd.c``).
+"""Every errno path of the userfaultfd uABI, one test each (fs/ and mm/userfaultfd.c).
 
 Each test names the kernel check it pins. Output-field rules are asserted
 too: ``-errno`` after the operation ran, ``-EAGAIN`` while an event is
