@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import PAGE_SHIFT
 from vmemu.errors import VmFault, raise_errno
-from vmemu.mmu.folio import PG, Folio
+from vmemu.mmu.folio import Folio
 from vmemu.mmu.memory import (
     FAULT_FLAG_WRITE,
     VmFaultInfo,
@@ -51,7 +51,19 @@ from vmemu.mmu.pgtable import (
     swp_offset,
     swp_type,
 )
-from vmemu.mmu.swapfile import SwapInfo, SwapSpace, get_swap_space
+from vmemu.mmu.swapfile import (
+    PG_ANON,
+    PG_ANON_EXCLUSIVE,
+    PG_DIRTY,
+    PG_MLOCKED,
+    PG_REFERENCED,
+    PG_SWAPBACKED,
+    PG_SWAPCACHE,
+    PG_UPTODATE,
+    SwapInfo,
+    SwapSpace,
+    get_swap_space,
+)
 from vmemu.mmu.vma import VM_LOCKED, VM_SHARED, VM_UFFD_WP, VM_WRITE, Vma
 
 if TYPE_CHECKING:
@@ -64,7 +76,8 @@ if TYPE_CHECKING:
 def add_to_swap_cache(space: SwapSpace, folio: Folio, entry: int) -> None:
     """Put ``folio`` in the swap cache for ``entry``, taking a reference (``add_to_swap_cache``)."""
     assert entry not in space.cache, f"swap cache already holds {entry:#x}"
-    folio.flags |= PG.swapcache
+    folio.flags = int(folio.flags)
+    folio.flags |= PG_SWAPCACHE
     folio.private = entry
     folio.refcount += 1
     space.cache[entry] = folio
@@ -74,7 +87,8 @@ def _unlink_from_swap_cache(space: SwapSpace, folio: Folio) -> int:
     """Take ``folio`` out of the swap cache without dropping its reference; returns the entry."""
     entry: int = folio.private
     del space.cache[entry]
-    folio.flags &= ~PG.swapcache
+    folio.flags = int(folio.flags)
+    folio.flags &= ~PG_SWAPCACHE
     folio.private = None
     return entry
 
@@ -94,16 +108,17 @@ def folio_free_swap(space: SwapSpace, folio: Folio) -> bool:
 
     The folio becomes dirty: its only copy is in memory again.
     """
-    if not folio.flags & PG.swapcache or space.swap_count(folio.private):
+    folio.flags = int(folio.flags)
+    if not folio.flags & PG_SWAPCACHE or space.swap_count(folio.private):
         return False
     delete_from_swap_cache(space, folio)
-    folio.flags |= PG.dirty
+    folio.flags |= PG_DIRTY
     return True
 
 
 def free_swap_cache(space: SwapSpace, folio: Folio) -> None:
     """After unmapping: free the swap cache of a folio no PTE maps now (``free_swap_cache``)."""
-    if folio.flags & PG.swapcache and not folio.mapcount:
+    if int(folio.flags) & PG_SWAPCACHE and not folio.mapcount:
         folio_free_swap(space, folio)
 
 
@@ -118,6 +133,7 @@ def swapin_folio(space: SwapSpace, entry: int) -> tuple[Folio | None, bool]:
     folio = space.cache.get(entry)
     if folio is not None:
         folio.refcount += 1
+        folio.flags = int(folio.flags)
         return folio, False
     si = space.swap_info_get(entry)
     assert si is not None, f"swap-in of bad entry {entry:#x}"
@@ -127,7 +143,7 @@ def swapin_folio(space: SwapSpace, entry: int) -> tuple[Folio | None, bool]:
     # Reclaim inside the allocation cannot have cached this entry: it only
     # ever allocates new slots. The data is the store's, byte for byte.
     folio.data[:] = si.store.load(si.key(swp_offset(entry)))
-    folio.flags = PG.swapbacked | PG.uptodate
+    folio.flags = PG_SWAPBACKED | PG_UPTODATE
     add_to_swap_cache(space, folio, entry)
     space.pswpin += 1
     return folio, True
@@ -147,9 +163,9 @@ def should_try_to_free_swap(space: SwapSpace, folio: Folio, vma: Vma, flags: int
     Yes when swap is more than half full, the VMA is locked, or a write
     fault finds nobody else holding the folio (our reference + the cache's).
     """
-    if not folio.flags & PG.swapcache:
+    if not folio.flags & PG_SWAPCACHE:
         return False
-    if space.vm_swap_full() or vma.vm_flags & VM_LOCKED or folio.flags & PG.mlocked:
+    if space.vm_swap_full() or vma.vm_flags & VM_LOCKED or folio.flags & PG_MLOCKED:
         return True
     return bool(flags & FAULT_FLAG_WRITE) and folio.refcount == 2
 
@@ -173,9 +189,9 @@ def _do_swap_page(mm: MmStruct, space: SwapSpace, vmf: VmFaultInfo) -> VmFault:
     ret = VmFault.MAJOR if read else VmFault.NONE
     # The cached folio may belong to another anon_vma or index (mremap moved
     # the PTE, or another process mapped it first): rmap must still find it.
-    if folio.flags & PG.anon and not _anon_rmap_fits(folio, vma, vmf.address):
+    if folio.flags & PG_ANON and not _anon_rmap_fits(folio, vma, vmf.address):
         if folio.mapcount == 0:
-            folio.flags &= ~(PG.anon | PG.anon_exclusive)
+            folio.flags &= ~(PG_ANON | PG_ANON_EXCLUSIVE)
             folio.mapping = None
         else:
             copy = mm.phys.alloc_folio(0)  # ksm_might_need_to_copy
@@ -183,10 +199,10 @@ def _do_swap_page(mm: MmStruct, space: SwapSpace, vmf: VmFaultInfo) -> VmFault:
                 mm.phys.folio_put(folio)
                 return VmFault.OOM
             copy.data[:] = folio.data
-            copy.flags = PG.swapbacked | PG.uptodate | PG.dirty
+            copy.flags = PG_SWAPBACKED | PG_UPTODATE | PG_DIRTY
             mm.phys.folio_put(folio)
             folio = copy
-    exclusive = pte_swp_exclusive(orig) or not folio.flags & PG.swapcache
+    exclusive = pte_swp_exclusive(orig) or not folio.flags & PG_SWAPCACHE
     space.swap_free(entry)
     if should_try_to_free_swap(space, folio, vma, vmf.flags):
         folio_free_swap(space, folio)
@@ -203,13 +219,13 @@ def _do_swap_page(mm: MmStruct, space: SwapSpace, vmf: VmFaultInfo) -> VmFault:
         exclusive = True
     else:
         exclusive = False
-    if not folio.flags & PG.anon:
+    if not folio.flags & PG_ANON:
         av = anon_vma_prepare(vma)  # folio_add_new_anon_rmap: the oldest anon_vma if shared
         folio.mapping = av if exclusive else av.root
         folio.index = vma.linear_page_index(vmf.address)
-        folio.flags |= PG.anon | PG.swapbacked
+        folio.flags |= PG_ANON | PG_SWAPBACKED
     if exclusive:
-        folio.flags |= PG.anon_exclusive
+        folio.flags |= PG_ANON_EXCLUSIVE
     folio.mapcount += 1  # the reference swapin_folio took is the mapping's
     vmf.table[vmf.idx] = pte
     mm.tlb.flush_page(vmf.address)
@@ -241,13 +257,13 @@ def shmem_swapin_folio(inode: Any, index: int) -> Folio | None:
         folio, _read = swapin_folio(space, entry)
         if folio is None:
             return None
-        if folio.flags & PG.anon or folio.mapcount:
+        if folio.flags & PG_ANON or folio.mapcount:
             raise AssertionError(f"shmem swap entry {entry:#x} cached as {folio!r}")
         # the swap cache's reference becomes the page cache's; ours is dropped below
         _unlink_from_swap_cache(space, folio)
         folio.mapping = inode
         folio.index = index
-        folio.flags |= PG.dirty | PG.swapbacked | PG.uptodate
+        folio.flags |= PG_DIRTY | PG_SWAPBACKED | PG_UPTODATE
         inode.pages[index] = folio
         _forget_swapped(space, inode, index)
         space.swap_free(entry)
@@ -322,7 +338,7 @@ def madvise_willneed(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) 
             folio, _read = swapin_folio(space, entry)
             if folio is None:
                 return
-            folio.flags |= PG.referenced
+            folio.flags |= PG_REFERENCED
             space.phys.folio_put(folio)
 
 
@@ -353,4 +369,4 @@ def try_to_unuse(space: SwapSpace, si: SwapInfo) -> None:
         for entry, folio in list(space.cache.items()):
             if swp_type(entry) == si.type:
                 delete_from_swap_cache(space, folio)
-                folio.flags |= PG.dirty
+                folio.flags |= PG_DIRTY

@@ -46,6 +46,20 @@ from vmemu.mmu.pgtable import (
 if TYPE_CHECKING:
     from vmemu.mmu.folio import Folio, PhysMem
 
+# PG bits as plain ints: IntFlag operators are Python-level calls, too slow on
+# the reclaim and swap-in paths (folio.flags is made a plain int on entry)
+PG_DIRTY = int(PG.dirty)
+PG_ANON = int(PG.anon)
+PG_ANON_EXCLUSIVE = int(PG.anon_exclusive)
+PG_SWAPBACKED = int(PG.swapbacked)
+PG_SWAPCACHE = int(PG.swapcache)
+PG_UPTODATE = int(PG.uptodate)
+PG_REFERENCED = int(PG.referenced)
+PG_ACTIVE = int(PG.active)
+PG_MLOCKED = int(PG.mlocked)
+PG_LARGE = int(PG.large)
+PG_UNEVICTABLE = int(PG.large | PG.hugetlb | PG.hwpoison | PG.zero | PG.mlocked)
+
 SWP_USED = 1 << 0  # swap_info_struct.flags
 SWP_WRITEOK = 1 << 1
 DEFAULT_SWAP_PAGES = 1024
@@ -133,11 +147,12 @@ class SwapSpace:
 
     def nr_swap_pages(self) -> int:
         """Free slots over all writable devices (``get_nr_swap_pages``)."""
-        return sum(si.pages - si.inuse_pages for si in self.active())
+        return sum(si.pages - si.inuse_pages for si in self.swap_info
+                   if si is not None and si.flags & SWP_WRITEOK)
 
     def total_swap_pages(self) -> int:
         """Usable slots over all writable devices (``total_swap_pages``)."""
-        return sum(si.pages for si in self.active())
+        return sum(si.pages for si in self.swap_info if si is not None and si.flags & SWP_WRITEOK)
 
     def vm_swap_full(self) -> bool:
         """True when more than half of swap is in use (``vm_swap_full``)."""
@@ -237,12 +252,12 @@ class SwapSpace:
                 assert index not in inode.pages, f"{inode!r} index {index} cached and swapped"
                 refs[k] = refs.get(k, 0) + 1
         for k, folio in self.cache.items():
-            assert folio.flags & PG.swapcache and folio.private == k, \
+            assert folio.flags & PG_SWAPCACHE and folio.private == k, \
                 f"swap cache entry {k:#x} maps {folio!r} (private={folio.private!r})"
             assert self.phys.mem_map[folio.pfn] is folio, f"swap cache holds freed {folio!r}"
             assert self.swap_info_get(k) is not None, f"swap cache entry {k:#x} on no device"
         for folio in self.phys.live_folios():
-            if folio.flags & PG.swapcache:
+            if folio.flags & PG_SWAPCACHE:
                 assert self.cache.get(folio.private) is folio, f"{folio!r} not in swap cache"
         for si in self.swap_info:
             if si is None:

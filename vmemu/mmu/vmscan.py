@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import PAGE_SHIFT
 from vmemu.errors import raise_errno
-from vmemu.mmu.folio import PG, Folio, PhysMem
+from vmemu.mmu.folio import Folio, PhysMem
 from vmemu.mmu.pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -51,14 +51,26 @@ from vmemu.mmu.pgtable import (
 )
 from vmemu.mmu.rmap import RmapHit, rmap_walk
 from vmemu.mmu.swap_state import add_to_swap_cache, delete_from_swap_cache
-from vmemu.mmu.swapfile import SwapSpace, get_swap_space
+from vmemu.mmu.swapfile import (
+    PG_ACTIVE,
+    PG_ANON,
+    PG_ANON_EXCLUSIVE,
+    PG_DIRTY,
+    PG_LARGE,
+    PG_REFERENCED,
+    PG_SWAPBACKED,
+    PG_SWAPCACHE,
+    PG_UNEVICTABLE,
+    SwapSpace,
+    get_swap_space,
+)
 from vmemu.mmu.vma import VM_HUGETLB, VM_LOCKED, VM_PFNMAP, VM_UFFD_WP, Vma
 
 if TYPE_CHECKING:
     from vmemu.mmu.mm import MmStruct
 
 SWAP_CLUSTER_MAX = 32
-_UNEVICTABLE = PG.large | PG.hugetlb | PG.hwpoison | PG.zero | PG.mlocked
+_UNEVICTABLE = PG_UNEVICTABLE
 
 
 def owner_map(phys: PhysMem) -> dict[int, Any]:
@@ -74,8 +86,8 @@ def _pte_slot(hit: RmapHit) -> tuple[list[int], int]:
 
 def folio_referenced(folio: Folio, hits: list[RmapHit]) -> bool:
     """Test and clear every mapping's accessed bit and PG.referenced (``folio_referenced``)."""
-    referenced = bool(folio.flags & PG.referenced)
-    folio.flags &= ~PG.referenced
+    referenced = bool(folio.flags & PG_REFERENCED)
+    folio.flags &= ~PG_REFERENCED
     for hit in hits:
         table, idx = _pte_slot(hit)
         pte = table[idx]
@@ -116,15 +128,17 @@ def _rmap_hits(folio: Folio, owner_of: dict[int, Any]) -> list[RmapHit] | None:
 
 
 def shrink_folio(space: SwapSpace, folio: Folio, owner_of: dict[int, Any],
-                 ignore_references: bool = True) -> bool:
+                 ignore_references: bool = True, hits: list[RmapHit] | None = None) -> bool:
     """Try to free one folio; True when it was freed (``shrink_folio_list`` for one folio)."""
     space.pgscan += 1
     phys = space.phys
+    folio.flags = int(folio.flags)
     if folio.flags & _UNEVICTABLE or phys.mem_map[folio.pfn] is not folio:
         return False
     if folio.refcount != folio.mapcount + phys.extra_refs(folio):
         return False  # someone holds it: a fault in progress, a pin
-    hits = _rmap_hits(folio, owner_of)
+    if hits is None:
+        hits = _rmap_hits(folio, owner_of)
     if hits is None:
         return False
     if any(h.vma.vm_flags & VM_LOCKED for h in hits):
@@ -135,14 +149,14 @@ def shrink_folio(space: SwapSpace, folio: Folio, owner_of: dict[int, Any],
     if not locks.ok:
         return False
     try:
-        if folio.flags & PG.anon:
-            if not folio.flags & PG.swapbacked:
+        if folio.flags & PG_ANON:
+            if not folio.flags & PG_SWAPBACKED:
                 return _discard_lazyfree(space, folio, hits)
             return _pageout_anon(space, folio, hits)
         if folio.mapping is not None and hasattr(folio.mapping, "swapped") and \
                 folio.mapping.pages.get(folio.index) is folio:
             return _pageout_shmem(space, folio, hits)
-        if folio.flags & PG.swapcache and not folio.mapcount:
+        if folio.flags & PG_SWAPCACHE and not folio.mapcount:
             return _drop_swapcache(space, folio)
         return False
     finally:
@@ -152,10 +166,10 @@ def shrink_folio(space: SwapSpace, folio: Folio, owner_of: dict[int, Any],
 def _discard_lazyfree(space: SwapSpace, folio: Folio, hits: list[RmapHit]) -> bool:
     """A clean MADV_FREE folio: clear its PTEs and free it; a redirtied one stays."""
     slots = [_pte_slot(h) for h in hits]
-    if folio.flags & PG.dirty or any(t[i] & _PAGE_DIRTY for t, i in slots):
-        folio.flags |= PG.swapbacked  # written since MADV_FREE: keep it, swap it next time
+    if folio.flags & PG_DIRTY or any(t[i] & _PAGE_DIRTY for t, i in slots):
+        folio.flags |= PG_SWAPBACKED  # written since MADV_FREE: keep it, swap it next time
         return False
-    if folio.flags & PG.swapcache:
+    if folio.flags & PG_SWAPCACHE:
         return False
     for hit, (table, idx) in zip(hits, slots, strict=True):
         table[idx] = 0
@@ -173,25 +187,25 @@ def _writeout(space: SwapSpace, folio: Folio) -> None:
     si = space.swap_info_get(entry)
     assert si is not None
     si.store.store(si.key(swp_offset(entry)), bytes(folio.data))
-    folio.flags &= ~PG.dirty
+    folio.flags &= ~PG_DIRTY
     space.pswpout += 1
 
 
 def _pageout_anon(space: SwapSpace, folio: Folio, hits: list[RmapHit]) -> bool:
     """add_to_swap + try_to_unmap + pageout + __remove_mapping for an anonymous folio."""
-    if not folio.flags & PG.swapcache:
+    if not folio.flags & PG_SWAPCACHE:
         entry = space.get_swap_page()
         if entry is None:
             return False  # no swap, or swap full: anon memory stays
         add_to_swap_cache(space, folio, entry)
-        folio.flags |= PG.dirty  # the slot holds nothing yet
+        folio.flags |= PG_DIRTY  # the slot holds nothing yet
     entry = folio.private
-    exclusive = bool(folio.flags & PG.anon_exclusive)
+    exclusive = bool(folio.flags & PG_ANON_EXCLUSIVE)
     for hit in hits:
         table, idx = _pte_slot(hit)
         pte = table[idx]
         if pte & _PAGE_DIRTY:
-            folio.flags |= PG.dirty
+            folio.flags |= PG_DIRTY
         swp = entry
         if exclusive:
             swp |= _PAGE_SWP_EXCLUSIVE
@@ -202,13 +216,13 @@ def _pageout_anon(space: SwapSpace, folio: Folio, hits: list[RmapHit]) -> bool:
         hit.mm.tlb.flush_page(hit.address)
         folio.mapcount -= 1
         space.phys.folio_put(folio)
-    folio.flags &= ~PG.anon_exclusive
+    folio.flags &= ~PG_ANON_EXCLUSIVE
     return _drop_swapcache(space, folio)
 
 
 def _drop_swapcache(space: SwapSpace, folio: Folio) -> bool:
     """Write an unmapped swap-cache folio if dirty, then free it (``__remove_mapping``)."""
-    if folio.flags & PG.dirty and space.swap_count(folio.private):
+    if folio.flags & PG_DIRTY and space.swap_count(folio.private):
         _writeout(space, folio)
     delete_from_swap_cache(space, folio)
     space.pgsteal += 1
@@ -224,7 +238,7 @@ def _pageout_shmem(space: SwapSpace, folio: Folio, hits: list[RmapHit]) -> bool:
         table, idx = _pte_slot(hit)
         pte = table[idx]
         if pte & _PAGE_DIRTY:
-            folio.flags |= PG.dirty
+            folio.flags |= PG_DIRTY
         wp = pte & _PAGE_UFFD_WP and hit.vma.vm_flags & VM_UFFD_WP
         table[idx] = hit.mm.uffd_wp_marker_value if wp else 0  # pte_install_uffd_wp_if_needed
         hit.mm.tlb.flush_page(hit.address)
@@ -264,11 +278,14 @@ def reclaim_pages(phys: PhysMem, folios: list[Folio]) -> int:
 
 def _candidate(folio: Any, have_swap: bool) -> bool:
     """Cheap filter before rmap work: could reclaim free this folio at all?"""
-    if not isinstance(folio, Folio) or folio.flags & _UNEVICTABLE:
+    if not isinstance(folio, Folio):
         return False
-    if have_swap or folio.flags & PG.swapcache:
+    folio.flags = int(folio.flags)
+    if folio.flags & _UNEVICTABLE:
+        return False
+    if have_swap or folio.flags & PG_SWAPCACHE:
         return True
-    return bool(folio.flags & PG.anon) and not folio.flags & PG.swapbacked
+    return bool(folio.flags & PG_ANON) and not folio.flags & PG_SWAPBACKED
 
 
 def try_to_free_pages(phys: PhysMem, nr_pages: int) -> int:
@@ -304,7 +321,7 @@ def try_to_free_pages(phys: PhysMem, nr_pages: int) -> int:
             hits = _rmap_hits(folio, owner_of)
             if hits is None or folio_referenced(folio, hits):
                 continue
-            shrink_folio(space, folio, owner_of)
+            shrink_folio(space, folio, owner_of, hits=hits)
         space.lru_hand = hand
     return before - phys.pages_in_use
 
@@ -328,12 +345,15 @@ def _exclusive_folios(mm: MmStruct, start: int, end: int) -> list[Folio]:
             if not pte & (_PAGE_PRESENT | _PAGE_PROTNONE) or pte & _PAGE_SPECIAL:
                 continue
             folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
-            if not isinstance(folio, Folio) or folio.flags & PG.large or folio.mapcount != 1:
+            if not isinstance(folio, Folio) or folio.mapcount != 1:
+                continue
+            folio.flags = int(folio.flags)
+            if folio.flags & PG_LARGE:
                 continue
             if pte & _PAGE_ACCESSED:
                 table[idx] = pte & ~_PAGE_ACCESSED
                 mm.tlb.flush_page(base | (idx << PAGE_SHIFT))
-            folio.flags &= ~(PG.referenced | PG.active)
+            folio.flags &= ~(PG_REFERENCED | PG_ACTIVE)
             out.append(folio)
     return out
 

@@ -1,0 +1,124 @@
+"""Swap micro-benchmark (issue 3): a reclaim + swap-in round trip per page.
+
+Run from the repository root::
+
+    python benchmarks/bench_swap.py            # 9 repetitions of 512 pages
+    python benchmarks/bench_swap.py --quick    # 7 repetitions of 128 pages
+    python benchmarks/bench_swap.py --markdown # the table as Markdown
+
+Each repetition measures, on a fresh machine with a swap device backed by a
+``MemoryPageStore``:
+
+* ``PAGEOUT + fault``: ``MADV_PAGEOUT`` over N written pages (rmap walk,
+  swap slot, swap PTE, store write, free) and then a read of each page
+  (``do_swap_page``: store read into a new folio via the swap cache);
+* ``pressure``: a write sweep over 4x the memory limit, twice, so every
+  page is reclaimed by the memory limit's hook and read back - the cost
+  per page of the whole sweep (fault, reclaim, swap-in);
+
+each as a ratio to one plain copy of a 4 KiB ``bytes`` object measured in
+the same repetition (the cheapest thing a page round trip must do twice).
+Repetitions are interleaved; the table shows median, min and max. Nothing
+here asserts on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(1, os.path.dirname(_HERE))  # run from a checkout without installing
+
+from _harness import Scenario, format_table, run_round_robin, timed  # noqa: E402
+
+from vmemu import MADV_PAGEOUT, PAGE_SIZE, Kernel  # noqa: E402
+
+COPIES = 20000
+
+
+def copy_4k(n: int) -> None:
+    """The reference: n copies of a 4 KiB page held in a bytearray."""
+    buf = bytearray(b"\x5a" * PAGE_SIZE)
+    for _ in range(n):
+        bytes(buf)
+
+
+class SwapRoundTrip(Scenario):
+    """PAGEOUT + fault-in, and a pressure sweep, against a 4 KiB copy."""
+
+    name = "swap round trip"
+
+    def __init__(self, pages: int) -> None:
+        super().__init__()
+        self.pages = pages
+        self.metric("copy", "4 KiB bytes copy", "us", fmt="{:.3f}")
+        self.metric("pageout", "PAGEOUT + fault / page / copy", "x", fmt="{:.0f}")
+        self.metric("pageout_us", "PAGEOUT + fault / page", "us", fmt="{:.1f}")
+        self.metric("pressure", "pressure sweep / page / copy", "x", fmt="{:.0f}")
+        self.metric("pressure_us", "pressure sweep / page", "us", fmt="{:.1f}")
+
+    def _pageout_round_trip(self) -> float:
+        k = Kernel()
+        k.swapon(pages=self.pages + 8)
+        p = k.spawn()
+        n = self.pages
+        a = p.mmap(0, n * PAGE_SIZE)
+        for i in range(n):
+            p.write(a + i * PAGE_SIZE, i.to_bytes(8, "little"))
+
+        def run() -> None:
+            p.madvise(a, n * PAGE_SIZE, MADV_PAGEOUT)
+            for i in range(n):
+                p.read(a + i * PAGE_SIZE, 8)
+
+        t = timed(run)
+        assert k.swap_statistics().pswpin == n  # every page really went out and back
+        return t / n
+
+    def _pressure_sweep(self) -> float:
+        limit = max(8, self.pages // 4)
+        k = Kernel(mem_limit_pages=limit)
+        k.swapon(pages=self.pages + 8)
+        p = k.spawn()
+        n = self.pages
+        a = p.mmap(0, n * PAGE_SIZE)
+
+        def run() -> None:
+            for _ in range(2):
+                for i in range(n):
+                    p.write(a + i * PAGE_SIZE, i.to_bytes(8, "little"))
+
+        t = timed(run)
+        assert k.swap_statistics().pswpin >= n - limit
+        return t / (2 * n)
+
+    def run_once(self) -> None:
+        ref = timed(lambda: copy_4k(COPIES)) / COPIES
+        self.record("copy", ref * 1e6)
+        t = self._pageout_round_trip()
+        self.record("pageout", t / ref)
+        self.record("pageout_us", t * 1e6)
+        t = self._pressure_sweep()
+        self.record("pressure", t / ref)
+        self.record("pressure_us", t * 1e6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="7 repetitions of 128 pages")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (at least 7)")
+    args = ap.parse_args()
+    pages = 128 if args.quick else 512
+    reps = max(7, args.reps or (7 if args.quick else 9))
+    scenario = SwapRoundTrip(pages)
+    run_round_robin([scenario], reps, progress=lambda s: print(s, file=sys.stderr))
+    print(f"{pages} pages per measurement, {reps} interleaved repetitions")
+    print(format_table([scenario], markdown=args.markdown))
+
+
+if __name__ == "__main__":
+    main()
