@@ -20,7 +20,12 @@ from vmemu.mmu.vma import VM_HUGETLB
 from vmemu.uffd import uapi
 from vmemu.uffd.mfill import MfillError, MfillMode, mfill_atomic
 from vmemu.uffd.move import move_pages
-from vmemu.uffd.register import register, unregister, validate_range
+from vmemu.uffd.register import (
+    register,
+    unregister,
+    validate_range,
+    validate_unaligned_range,
+)
 from vmemu.uffd.wp import mwriteprotect_range
 
 if TYPE_CHECKING:
@@ -80,8 +85,10 @@ def _validate(arg: Any, start: int, length: int) -> None:
 def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy) -> None:
     """UFFDIO_COPY (``userfaultfd_copy``)."""
     _changing(ctx, arg, "copy")
-    if arg.src + arg.len <= arg.src or arg.src + arg.len >= 1 << 64:
-        _fail(errno.EINVAL, arg)
+    try:  # the source may be unaligned, but must be a user range
+        validate_unaligned_range(arg.src, arg.len)
+    except OSError as e:
+        _fail(e.errno or errno.EINVAL, arg)
     _validate(arg, arg.dst, arg.len)
     if arg.mode & ~(uapi.UFFDIO_COPY_MODE_DONTWAKE | uapi.UFFDIO_COPY_MODE_WP):
         _fail(errno.EINVAL, arg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from vmemu.constants import MMAP_MIN_ADDR, PAGE_SIZE, TASK_SIZE
+from vmemu.constants import PAGE_SIZE, TASK_SIZE
 from vmemu.errors import raise_errno
 from vmemu.mmu.vma import (
     VM_DROPPABLE,
@@ -43,10 +43,15 @@ if TYPE_CHECKING:
 
 
 def validate_unaligned_range(start: int, length: int) -> None:
-    """EINVAL unless ``[start, start+len)`` is a sane user range (``validate_unaligned_range``)."""
+    """EINVAL unless ``[start, start+len)`` is a sane user range (``validate_unaligned_range``).
+
+    Only the length and the task size are checked: there is no
+    ``mmap_min_addr`` floor (observed on 6.18: a COPY whose source is 0 is
+    EFAULT and a destination at 4096 ENOENT, both past validation).
+    """
     if length & (PAGE_SIZE - 1) or not length or length < 0:
         raise_errno(errno.EINVAL)
-    if start < MMAP_MIN_ADDR or start >= TASK_SIZE or length > TASK_SIZE - start:
+    if start < 0 or start >= TASK_SIZE or length > TASK_SIZE - start:
         raise_errno(errno.EINVAL)
 
 
