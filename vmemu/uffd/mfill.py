@@ -3,8 +3,9 @@
 All four go through ``mfill_atomic``: find the destination VMA (the whole
 range must sit in one registered VMA, else ENOENT), then page by page
 prepare the page and install it with ``mfill_atomic_install_pte``, which
-refuses (EEXIST) a PTE that is not empty - a uffd-wp marker counts as
-empty except for ZEROPAGE and POISON, which want ``pte_none``. The call
+refuses (EEXIST) a PTE that is not empty - a pte marker (uffd-wp or
+poison) counts as empty (``pte_none_mostly``) except for ZEROPAGE and
+POISON, which want ``pte_none``. The call
 returns the bytes done; the ioctl layer turns a short count into EAGAIN.
 
 COPY reads its source *before* looking at the destination, like the
@@ -31,7 +32,7 @@ from vmemu.mmu.pgtable import (
     _PAGE_SPECIAL,
     _PAGE_UFFD_WP,
     POISON_MARKER,
-    is_uffd_wp_marker,
+    is_pte_marker,
 )
 from vmemu.mmu.vma import VM_HUGETLB, VM_SHARED, VM_UFFD_WP, VM_WRITE, Vma
 
@@ -72,7 +73,7 @@ def install_pte(mm: Any, vma: Vma, addr: int, folio: Any, in_cache: bool, wp: bo
     """Map ``folio`` at ``addr`` if the PTE is empty (``mfill_atomic_install_pte``)."""
     table, idx = _pte_slot(mm, addr)
     cur = table[idx]
-    if cur and not is_uffd_wp_marker(cur):
+    if cur and not is_pte_marker(cur):  # pte_none_mostly: uffd-wp and poison markers
         raise MfillError(errno.EEXIST)
     pte = (folio.pfn << PAGE_SHIFT) | vm_get_page_prot(vma.vm_flags) | _PAGE_DIRTY \
         | _PAGE_SOFT_DIRTY
