@@ -231,3 +231,16 @@ def test_gigantic_pages() -> None:
     assert p.read(a + (1 << 29), 1) == b"g" and "KernelPageSize:  1048576 kB" in proc.smaps(p.mm)
     p.munmap(a, 1 << 30)
     assert k.hugetlb.statistics(1 << 30).free_huge_pages == 1
+
+
+def test_punch_hole_drops_whole_huge_pages() -> None:
+    k, p = _kernel()
+    inode = hugetlb_file_setup(k, 0, "memfd:hole")
+    inode.file_refs += 1
+    a = p.mm.mmap(0, 2 * H, PROT_READ | PROT_WRITE, MAP_SHARED, inode, 0)
+    p.write(a, b"A")
+    p.write(a + H, b"B")
+    inode.drop_range(1, 2 * (H // PAGE_SIZE))  # covers only the second huge page whole
+    assert p.read(a, 1) == b"A" and p.read(a + H, 1) == b"\0"
+    assert len(inode.huge) == 2  # the read refaulted a fresh zeroed page
+    k.check()

@@ -393,16 +393,52 @@ class HugetlbInode(ShmemInode):
         self.resv_pending -= gone
         self.resv_map = {i for i in self.resv_map if i < first}
 
-    def unmap_from(self, first: int) -> None:
-        """Unmap huge indices ``first..`` from every mapping (``hugetlb_vmdelete_list``)."""
+    def unmap_from(self, first: int, last: int = 1 << 62, even_cows: bool = True) -> None:
+        """Unmap huge indices ``[first, last)`` from every mapping (``hugetlb_vmdelete_list``).
+
+        Without ``even_cows`` only mappings of this file's own pages go;
+        private COW copies stay (a hole punch).
+        """
+        shift = PAGE_SHIFT + self.hstate.order
         for vma in list(self.i_mmap):
             lo, hi = vma_hugecache_range(vma)
-            if hi <= first:
+            if hi <= first or lo >= last:
                 continue
-            start = vma.vm_start + ((max(lo, first) - lo) << (PAGE_SHIFT + self.hstate.order))
+            start = vma.vm_start + ((max(lo, first) - lo) << shift)
+            end = vma.vm_start + ((min(hi, last) - lo) << shift)
             for mm in list(self.phys.mms):
-                if mm.vmas.vma_lookup(vma.vm_start) is vma:
-                    unmap_hugepage_range(mm, vma, start, vma.vm_end)
+                if mm.vmas.vma_lookup(vma.vm_start) is not vma:
+                    continue
+                if even_cows:
+                    unmap_hugepage_range(mm, vma, start, end)
+                    continue
+                for addr in range(start, end, self.hstate.size):
+                    _pmd, e = _entry_at(mm, addr)
+                    if e & (_PAGE_PRESENT | _PAGE_PROTNONE) and \
+                            mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT].mapping is self:
+                        unmap_hugepage_range(mm, vma, addr, addr + self.hstate.size)
+
+    def drop_range(self, first: int, last: int) -> None:
+        """Punch 4 KiB page indices ``[first, last)`` (``hugetlbfs_punch_hole``).
+
+        Only whole huge pages go, with their reservations; the mappings of
+        the file's pages are zapped first, private COW copies stay.
+        """
+        order = self.hstate.order
+        hfirst = (first + (1 << order) - 1) >> order
+        hlast = last >> order
+        if hfirst >= hlast:
+            return
+        self.unmap_from(hfirst, hlast, even_cows=False)
+        for hidx in range(hfirst, hlast):
+            folio = self.huge.pop(hidx, None)
+            if folio is not None:
+                folio.mapping = None
+                self.phys.folio_put(folio)
+        gone = {i for i in self.resv_pending if hfirst <= i < hlast}
+        self.pool.acct_memory(self.hstate, -len(gone))
+        self.resv_pending -= gone
+        self.resv_map = {i for i in self.resv_map if not hfirst <= i < hlast}
 
     def truncate(self) -> None:
         """The inode's last user is gone (``hugetlbfs_evict_inode``)."""
