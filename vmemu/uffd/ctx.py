@@ -330,12 +330,25 @@ class Userfaultfd:
     def _has_msgs(self) -> bool:
         return bool(self.fault_pending or self.events or self.released)
 
-    def poll(self) -> int:
-        """poll(2) revents (``userfaultfd_poll``).
+    def poll(self, events: int = POLLIN, timeout_ms: int = 0) -> int:
+        """poll(2) on this fd alone: ``revents`` (``userfaultfd_poll``), as the native binding.
 
         POLLERR before the handshake and on a blocking fd; POLLIN while a
-        message is queued; POLLHUP after release.
+        message is queued; POLLHUP after release. POLLERR and POLLHUP are
+        reported whatever ``events`` asks for. With nothing to report the
+        task sleeps on the file's wait queue (``fd_wqh``) for up to
+        ``timeout_ms`` (forever if negative; 0 returns at once), a
+        scheduling point under every runtime.
         """
+        mask = events | POLLERR | POLLHUP
+        revents = self._revents() & mask
+        if revents or timeout_ms == 0:
+            return revents
+        self.fd_wq.wait_event(lambda: bool(self._revents() & mask), reason="poll()",
+                              timeout=None if timeout_ms < 0 else timeout_ms / 1000)
+        return self._revents() & mask
+
+    def _revents(self) -> int:
         if self.released:
             return POLLHUP
         if self.state is UffdState.WAIT_API or not self.flags & O_NONBLOCK:
