@@ -15,7 +15,7 @@ Pick one with the environment variable ``VMEMU_HYPOTHESIS_PROFILE``:
 ``campaign``
     A long bug hunt: many examples and long stateful runs. Run it on its
     own, e.g. ``VMEMU_HYPOTHESIS_PROFILE=campaign python -m pytest
-    tests/property``; expect tens of minutes.
+    tests/property``; expect about half an hour on two cores.
 
 Property tests take their example counts from the active profile (a test
 that needs fewer scales ``settings().max_examples`` down) so a profile
@@ -45,8 +45,8 @@ settings.register_profile(
 )
 settings.register_profile(
     "campaign",
-    max_examples=5000,
-    stateful_step_count=150,
+    max_examples=2000,
+    stateful_step_count=100,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
