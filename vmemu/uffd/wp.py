@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from vmemu.constants import PAGE_SHIFT, PAGE_SIZE
+from vmemu.constants import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
 from vmemu.errors import raise_errno
 from vmemu.mmu.folio import PG
 from vmemu.mmu.memory import vm_get_page_prot
@@ -42,9 +42,48 @@ if TYPE_CHECKING:
 _KEEP = PTE_PFN_MASK | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_SPECIAL
 
 
+def hugetlb_uffd_wp_range(mm: Any, vma: Vma, start: int, end: int, enable: bool) -> None:
+    """uffd-wp on the huge entries of a hugetlb VMA (``hugetlb_change_protection`` with
+    MM_CP_UFFD_WP / MM_CP_UFFD_WP_RESOLVE).
+
+    hugetlb is file-backed, so protecting an empty entry always installs a
+    marker (``userfaultfd_wp_use_markers``); un-protecting clears markers and
+    gives write permission back as mprotect would (shared and dirty, or an
+    exclusive anon page). Each 2 MiB leaf of a bigger page is handled alike.
+    """
+    size = PMD_SIZE
+    shared_w = bool(vma.vm_flags & VM_SHARED and vma.vm_flags & VM_WRITE)
+    mem_map = mm.phys.mem_map
+    for addr in range(start & ~(size - 1), end, size):
+        pmd = mm.pgtables.pmd_table(addr, enable)
+        if pmd is None:
+            continue
+        idx = (addr >> 21) & 511
+        e = pmd[idx]
+        if e & (_PAGE_PRESENT | _PAGE_PROTNONE):
+            if enable:
+                pmd[idx] = (e | _PAGE_UFFD_WP) & ~_PAGE_RW
+            elif e & _PAGE_UFFD_WP:
+                new = e & ~_PAGE_UFFD_WP
+                folio = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+                if shared_w and e & _PAGE_DIRTY or vma.vm_flags & VM_WRITE and \
+                        folio.flags & PG.anon_exclusive:
+                    new |= _PAGE_RW
+                pmd[idx] = new
+        elif not e:
+            if enable:
+                pmd[idx] = UFFD_WP_MARKER
+        elif not enable and is_uffd_wp_marker(e):
+            pmd[idx] = 0
+    mm.tlb.flush_range(start, end)
+
+
 def uffd_wp_range(mm: Any, vma: Vma, start: int, end: int, enable: bool,
                   use_markers: bool) -> None:
     """Set or clear uffd-wp on ``[start, end)`` of ``vma`` (``uffd_wp_range``)."""
+    if vma.vm_flags & VM_HUGETLB:
+        hugetlb_uffd_wp_range(mm, vma, start, end, enable)
+        return
     mm.split_huge_range(vma, start, end)
     if enable and use_markers:
         addr = start
