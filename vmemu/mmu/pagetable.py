@@ -105,7 +105,7 @@ class PageTables:
         i = (addr >> 21) & 511
         e = pmd[i]
         if e:
-            if e & _PAGE_PSE:
+            if e & _PAGE_PSE or not e & 1:  # a huge leaf, or a non-present one (hugetlb marker)
                 return None
             return mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]  # type: ignore[no-any-return]
         if alloc:
@@ -125,7 +125,7 @@ class PageTables:
                              ("pmd", pmd_index(addr)), ("pte", pte_index(addr))):
             entry = table[index]
             out.append(WalkLevel(level, index, entry, pfn))
-            if level == "pte" or not entry or (entry & _PAGE_PSE):
+            if level == "pte" or not entry & 1 or (entry & _PAGE_PSE):
                 break
             pfn = (entry & PTE_PFN_MASK) >> PAGE_SHIFT
             table = self.phys.mem_map[pfn]
@@ -145,7 +145,7 @@ class PageTables:
                 addr = min((addr + PUD_SIZE) & ~(PUD_SIZE - 1), end)
                 continue
             e = pmd[(addr >> 21) & 511]
-            if e and not (e & _PAGE_PSE):
+            if e & 1 and not (e & _PAGE_PSE):  # a table (not a huge leaf or marker)
                 t = self._next(e)
                 yield addr, t, (addr >> PAGE_SHIFT) & 511, ((nxt - 1) >> PAGE_SHIFT & 511) + 1
             addr = nxt
@@ -174,7 +174,7 @@ class PageTables:
                         while b < min(a + PUD_SIZE, end):
                             mi = (b >> 21) & 511
                             me = pmd[mi]
-                            if me and not (me & _PAGE_PSE):
+                            if me & 1 and not (me & _PAGE_PSE):
                                 pfn = (me & PTE_PFN_MASK) >> PAGE_SHIFT
                                 if not any(mem_map[pfn]):
                                     pmd[mi] = 0
@@ -215,7 +215,7 @@ class PageTables:
                 pfn2 = (ue & PTE_PFN_MASK) >> PAGE_SHIFT
                 out.add(pfn2)
                 for me in mem_map[pfn2]:
-                    if me and not (me & _PAGE_PSE):
+                    if me & 1 and not (me & _PAGE_PSE):
                         out.add((me & PTE_PFN_MASK) >> PAGE_SHIFT)
         return out
 

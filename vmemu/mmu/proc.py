@@ -248,7 +248,7 @@ def _entries(mm: MmStruct, vma: Vma) -> list[tuple[int, int, str]]:
             continue
         me = pmd[(addr >> 21) & 511]
         nxt = min((addr + (1 << 21)) & ~((1 << 21) - 1), vma.vm_end)
-        if me & _PAGE_PSE:
+        if me & _PAGE_PSE or (me and not me & _PAGE_PRESENT):  # huge leaf, or hugetlb marker
             out.append((addr, me, "pmd"))
         elif me:
             table = mm.phys.mem_map[(me & PTE_PFN_MASK) >> PAGE_SHIFT]
@@ -266,7 +266,7 @@ def pagemap_entry(mm: MmStruct, addr: int) -> int:
     if pmd is None:
         return 0
     me = pmd[(addr >> 21) & 511]
-    if me & _PAGE_PSE:
+    if me & _PAGE_PSE or not me & _PAGE_PRESENT:  # a huge leaf, or a non-present huge entry
         e = me
         pfn = ((me & PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
     else:
