@@ -746,6 +746,8 @@ def hugetlb_no_page(mm: MmStruct, vmf: VmFaultInfo, h: HState, hidx: int) -> VmF
             folio.index = vma.vm_pgoff + ((vmf.address - vma.vm_start) >> PAGE_SHIFT)
             folio.refcount = 0  # the mapping below takes the only reference
             entry = make_huge_pte(vma, folio, writable=write and not uffd_wp, dirty=True)
+            if uffd_wp:  # keep a wr-protected entry protected once populated
+                entry = (entry | _PAGE_UFFD_WP) & ~_PAGE_RW
             _map_folio(mm, vma, vmf.address, folio, entry)
             if write and uffd_wp:
                 return handle_userfault(vmf, VM_UFFD_WP)
@@ -757,6 +759,8 @@ def hugetlb_no_page(mm: MmStruct, vmf: VmFaultInfo, h: HState, hidx: int) -> VmF
     shared = bool(vma.vm_flags & VM_SHARED)
     entry = make_huge_pte(vma, folio, writable=shared and write and not uffd_wp,
                           dirty=shared and write)
+    if uffd_wp:  # pte_marker_uffd_wp(vmf->orig_pte): huge_pte_mkuffd_wp(new_pte)
+        entry = (entry | _PAGE_UFFD_WP) & ~_PAGE_RW
     if write and shared:
         folio.set(PG.dirty)
     _map_folio(mm, vma, vmf.address, folio, entry)
