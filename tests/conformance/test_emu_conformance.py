@@ -1,6 +1,7 @@
 """Replay every conformance scenario on vmemu and compare with the kernel's golden results.
 
-The golden files were recorded on Linux 6.18 x86-64 (data/README.md); vmemu
+The golden files were recorded on Linux 6.18 x86-64 (data/README.md; data/local/
+holds the project's own recordings of the same kind); vmemu
 must produce the same result document, field for field. A mismatch is a
 fidelity bug in vmemu. The failure message lists every differing step with
 the kernel's and vmemu's result side by side.
@@ -17,7 +18,10 @@ from emu_driver import EmuDriver
 from runner import load_json, run_scenario
 
 DATA = Path(__file__).resolve().parent / "data"
-SCENARIOS = sorted((DATA / "scenarios").glob("*.json"))
+#: the shared kernel-recorded sample, then the project's own recordings (data/local/,
+#: recorded on this machine's Linux 6.18 with NativeDriver, three identical runs each)
+SCENARIOS = sorted((DATA / "scenarios").glob("*.json")) + sorted(
+    (DATA / "local" / "scenarios").glob("*.json"))
 
 
 def _dump(x: Any) -> str:
@@ -46,7 +50,7 @@ def describe_diff(got: dict[str, Any], want: dict[str, Any]) -> str:
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 def test_emu_scenario(path: Path) -> None:
     scenario = load_json(path)
-    golden = load_json(DATA / "golden" / path.name)
+    golden = load_json(path.parent.parent / "golden" / path.name)
     driver = EmuDriver()
     reason = driver.skip_reason(scenario.get("requires", []))
     if reason:
