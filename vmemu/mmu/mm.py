@@ -507,7 +507,8 @@ class MmStruct:
         rt = self.phys.runtime
         if rt is not None:  # page-fault entry/exit on the virtual clock, and a tracepoint
             rt.charge("fault")
-            rt.tracer.emit("fault", addr=addr, write=write)
+            if rt.tracer.enabled:
+                rt.tracer.emit("fault", addr=addr, write=write)
         return handle_mm_fault(self, vma, addr, flags, task)
 
     # -- introspection ---------------------------------------------------------

@@ -78,6 +78,19 @@ class UffdStatistics:
     api: str
 
 
+def _ioctl_dispatch() -> Any:
+    """``vmemu.uffd.ioctl.dispatch``, imported on first use (ioctl.py imports this module)."""
+    global _dispatch
+    if _dispatch is None:
+        from vmemu.uffd.ioctl import dispatch
+
+        _dispatch = dispatch
+    return _dispatch
+
+
+_dispatch: Any = None
+
+
 def _range_match(entry_key: Any, wake_key: Any) -> bool:
     """Waiters keyed by fault address; a wake key ``(start, len)`` with len 0 wakes all."""
     if wake_key is None:
@@ -141,7 +154,9 @@ class Userfaultfd:
 
     def trace(self, kind: str, **fields: Any) -> None:
         """Emit a tracepoint on the kernel's tracer."""
-        self.kernel.runtime.tracer.emit(kind, **fields)
+        tracer = self.kernel.runtime.tracer
+        if tracer.enabled:
+            tracer.emit(kind, **fields)
 
     # -- the handshake ------------------------------------------------------------
 
@@ -187,12 +202,12 @@ class Userfaultfd:
         Raises ``OSError(errno)`` with ``e.struct = arg`` on failure, exactly
         like :class:`vmemu.native.NativeUserfaultfd`.
         """
-        from vmemu.uffd.ioctl import dispatch
-
         caller_mm = (caller or self.process).mm
-        self.trace("uffd_ioctl", cmd=uapi.IOCTL_NAMES.get(cmd, hex(cmd)))
-        self.kernel.runtime.charge("syscall")
-        return dispatch(self, cmd, arg, caller_mm)
+        runtime = self.kernel.runtime
+        if runtime.tracer.enabled:
+            runtime.tracer.emit("uffd_ioctl", cmd=uapi.IOCTL_NAMES.get(cmd, hex(cmd)))
+        runtime.charge("syscall")
+        return _ioctl_dispatch()(self, cmd, arg, caller_mm)
 
     def register(self, start: int, len: int, mode: int) -> int:  # noqa: A002 - uABI field name
         """UFFDIO_REGISTER ``[start, start+len)`` in ``mode``; returns the ``ioctls`` mask."""
@@ -360,15 +375,24 @@ class Userfaultfd:
         return self._ready.fileno()
 
     def notify_readers(self) -> None:
-        """A message was queued: wake readers and pollers (``wake_up_poll(fd_wqh, EPOLLIN)``)."""
+        """A message was queued: wake readers and pollers (``wake_up_poll(fd_wqh, EPOLLIN)``).
+
+        Only when someone waits (``if (waitqueue_active(&ctx->fd_wqh))``, as
+        ``handle_userfault`` does): a reader that queues itself later sees the
+        message when it re-checks before sleeping.
+        """
         self._update_ready()
+        if not self.fd_wq.waitqueue_active():
+            return
         if self.exclusive_read:
             self.fd_wq.wake_up(nr_exclusive=1)
         else:
             self.fd_wq.wake_up_all()
 
     def _update_ready(self) -> None:
-        self._ready.set_ready(bool(self.fault_pending or self.events))
+        ready = bool(self.fault_pending or self.events)
+        if ready is not self._ready.ready:  # set_ready takes a lock: only on a change
+            self._ready.set_ready(ready)
 
     def dequeue(self, uwq: UserfaultWait) -> None:
         """Take a fault off whichever queue holds it (the end of ``handle_userfault``)."""

@@ -29,6 +29,7 @@ from vmemu.mmu.pgtable import (
     _PAGE_PSE,
     _PAGE_RW,
     _PAGE_UFFD_WP,
+    PTE_PFN_MASK,
     is_uffd_wp_marker,
 )
 from vmemu.mmu.vma import VM_HUGETLB, VM_UFFD_MINOR, VM_UFFD_WP
@@ -86,8 +87,8 @@ def userfaultfd_must_wait(mm: Any, address: int, reason: int) -> bool:
         return True
     if me & _PAGE_PSE:
         pte = me
-    else:
-        pte = mm.pgtables.get_pte(address)
+    else:  # the PTE table under this PMD entry (get_pte without walking from the top again)
+        pte = mm.phys.mem_map[(me & PTE_PFN_MASK) >> PAGE_SHIFT][(address >> PAGE_SHIFT) & 511]
     if pte == 0 or is_uffd_wp_marker(pte):
         return True
     if reason & VM_UFFD_WP and pte & (_PAGE_PRESENT | _PAGE_PROTNONE) and not pte & _PAGE_RW:
@@ -109,7 +110,8 @@ def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault
             else (1 << 21) - 1
     uwq = UserfaultWait(userfault_msg(vmf, reason, ctx.features, huge_mask), vmf.task)
     mm = ctx.mm
-    ctx.trace("userfault", addr=uwq.msg.address, flags=uwq.msg.flags)
+    if ctx.kernel.runtime.tracer.enabled:
+        ctx.trace("userfault", addr=uwq.msg.address, flags=uwq.msg.flags)
     with ctx.lock:
         ctx.fault_pending.append(uwq)
         ctx.stat_faults += 1

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from vmemu.errors import errno_error
 from vmemu.mmu.vma import VM_HUGETLB
 from vmemu.uffd import uapi
+from vmemu.uffd.ctx import UffdState
 from vmemu.uffd.mfill import MfillError, MfillMode, mfill_atomic
 from vmemu.uffd.move import move_pages
 from vmemu.uffd.register import (
@@ -30,6 +31,9 @@ from vmemu.uffd.wp import mwriteprotect_range
 
 if TYPE_CHECKING:
     from vmemu.uffd.ctx import Userfaultfd
+
+
+_RUNNING = UffdState.RUNNING
 
 
 def _fail(err: int, arg: Any) -> None:
@@ -173,8 +177,6 @@ def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect) -> None
 
 def dispatch(ctx: Userfaultfd, cmd: int, arg: Any, caller_mm: Any) -> Any:
     """Route an ioctl by its full command number; unknown ones are EINVAL."""
-    from vmemu.uffd.ctx import UffdState
-
     if cmd == uapi.UFFDIO_API:
         _expect(arg, uapi.uffdio_api)
         try:
@@ -183,7 +185,7 @@ def dispatch(ctx: Userfaultfd, cmd: int, arg: Any, caller_mm: Any) -> Any:
             e.struct = arg  # type: ignore[attr-defined]
             raise
         return arg
-    if ctx.state is not UffdState.RUNNING:
+    if ctx.state is not _RUNNING:
         _fail(errno.EINVAL, arg)
     handler = _HANDLERS.get(cmd)
     if handler is None:

@@ -26,18 +26,23 @@ from vmemu.mmu.gup import access_user
 from vmemu.mmu.memory import anon_vma_prepare, vm_get_page_prot
 from vmemu.mmu.pgtable import (
     _PAGE_DIRTY,
+    _PAGE_PRESENT,
     _PAGE_PSE,
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
     _PAGE_SPECIAL,
     _PAGE_UFFD_WP,
     POISON_MARKER,
+    PTE_PFN_MASK,
     is_pte_marker,
 )
 from vmemu.mmu.vma import VM_HUGETLB, VM_SHARED, VM_UFFD_WP, VM_WRITE, Vma
 
 if TYPE_CHECKING:
     from vmemu.uffd.ctx import Userfaultfd
+
+# Flags of a new anonymous folio, computed once: IntFlag's ``|`` is a Python-level call.
+_NEW_ANON_FOLIO_FLAGS = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
 
 
 class MfillMode(enum.Enum):
@@ -90,13 +95,13 @@ def install_pte(mm: Any, vma: Vma, addr: int, folio: Any, in_cache: bool, wp: bo
     mm.tlb.flush_page(addr)
 
 
-def _new_anon_folio(mm: Any, vma: Vma, addr: int, data: bytes | None) -> Any:
+def _new_anon_folio(mm: Any, vma: Vma, addr: int, data: Any) -> Any:
     folio = mm.phys.alloc_folio(0)
     if folio is None:
         raise MfillError(errno.ENOMEM)
     if data is not None:
         folio.data[:] = data
-    folio.flags = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
+    folio.flags = _NEW_ANON_FOLIO_FLAGS
     folio.mapping = anon_vma_prepare(vma)
     folio.index = vma.linear_page_index(addr)
     folio.mapcount = 0
@@ -109,7 +114,7 @@ def _put_unmapped(mm: Any, folio: Any) -> None:
 
 
 def mfill_pte(ctx: Userfaultfd, vma: Vma, addr: int, mode: MfillMode, wp: bool,
-              data: bytes | None) -> None:
+              data: Any) -> None:
     """Fill one page (``mfill_atomic_pte``)."""
     mm = ctx.mm
     shared = bool(vma.vm_flags & VM_SHARED)
@@ -168,28 +173,60 @@ def mfill_pte(ctx: Userfaultfd, vma: Vma, addr: int, mode: MfillMode, wp: bool,
         raise
 
 
+def copy_from_user_nofault(mm: Any, src: int) -> Any:
+    """The data of the 4 KiB source page at ``src`` if it is mapped now, else None.
+
+    ``copy_from_user`` with page faults disabled, as ``mfill_atomic_pte_copy``
+    first tries under the mm lock: a TLB hit, or a present PTE found by a
+    walk that allocates nothing, gives the page's buffer, which the caller
+    copies before dropping the lock; anything else (no table, a huge leaf,
+    a swap entry, an unaligned source) is left to the faulting path.
+    """
+    if src & (PAGE_SIZE - 1):
+        return None
+    buf = mm.tlb.r.get(src >> PAGE_SHIFT)
+    if buf is None:
+        table = mm.pgtables.pte_table(src, False)
+        if table is None:
+            return None
+        pte = table[(src >> PAGE_SHIFT) & 511]
+        if not pte & _PAGE_PRESENT:
+            return None
+        pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
+        buf = mm.phys.mem_map[pfn].page_buffer(pfn)
+    return buf
+
+
 def mfill_atomic(ctx: Userfaultfd, dst: int, src: int, length: int, mode: MfillMode,
                  wp: bool) -> int:
     """Fill ``[dst, dst+len)``; returns bytes done or raises ``MfillError`` (``mfill_atomic``).
 
     The destination VMA is checked first, then (for COPY) the source page is
-    read with faults enabled and no mm lock held, then the VMA is looked up
-    again - it may have changed while a source userfault slept - and the
-    page installed.
+    read. When the source is mapped it is copied with the mm lock held and
+    the page installed at once; otherwise, as the kernel's ``-ENOENT``
+    retry does, the lock is dropped, the source read with faults enabled,
+    the VMA looked up again - it may have changed while a source userfault
+    slept - and the page installed.
     """
     mm = ctx.mm
+    copy = mode is MfillMode.COPY
     done = 0
     while done < length:
         addr = dst + done
         data = None
         try:
-            if mode is MfillMode.COPY:
-                with mm.lock:
-                    _dst_vma(ctx, dst, length, mode, wp)
-                try:
-                    data = access_user(mm, src + done, PAGE_SIZE, False)
-                except OSError as e:
-                    raise MfillError(e.errno or errno.EFAULT) from None
+            with mm.lock:
+                vma = _dst_vma(ctx, dst, length, mode, wp)
+                if copy:
+                    data = copy_from_user_nofault(mm, src + done)
+                if not copy or data is not None:
+                    mfill_pte(ctx, vma, addr, mode, wp, data)
+                    done += PAGE_SIZE
+                    continue
+            try:
+                data = access_user(mm, src + done, PAGE_SIZE, False)
+            except OSError as e:
+                raise MfillError(e.errno or errno.EFAULT) from None
             with mm.lock:
                 vma = _dst_vma(ctx, dst, length, mode, wp)
                 mfill_pte(ctx, vma, addr, mode, wp, data)
