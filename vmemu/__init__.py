@@ -6,7 +6,7 @@ The public API lives here; subpackages (``vmemu.mmu``, ``vmemu.uffd``,
 
 from vmemu import constants
 from vmemu.constants import *  # noqa: F403 - the Linux constants are part of the API
-from vmemu.errors import OomKill, Signal, Sigbus, Sigsegv, VmFault
+from vmemu.errors import OomKill, Sigbus, Signal, Sigsegv, VmFault
 from vmemu.kernel import Kernel
 from vmemu.process import Process, Task
 

@@ -231,7 +231,7 @@ class Process:
         self.main = Task(self, self.pid, "main")
         self.tasks: dict[str, Task] = {"main": self.main}
         self.exited = False
-        self.fds: dict[int, OpenFile] = {}
+        self.fds: dict[int, Any] = {}  # OpenFile or Userfaultfd
         # CAP_SYS_ADMIN (capable(CAP_SYS_ADMIN)): the emulated caller is root by default;
         # False makes privileged calls such as madvise(MADV_HWPOISON) fail with EPERM.
         self.capable_sys_admin = True
@@ -281,7 +281,7 @@ class Process:
             raise_errno(errno.EINVAL, f"fd {fd} is not a regular file")
         return f
 
-    def _install_fd(self, f: OpenFile) -> int:
+    def _install_fd(self, f: Any) -> int:
         fd = 3
         while fd in self.fds:
             fd += 1

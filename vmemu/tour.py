@@ -98,6 +98,7 @@ def userfault_demo(seed: int = 1) -> tuple[list[str], str]:
 
     def handler(task: object) -> None:
         msg = uffd.read_msgs()[0]
+        assert isinstance(msg, uapi.PagefaultMsg)
         notes.append(f"handler read UFFD_EVENT_PAGEFAULT flags={msg.flags:#x} "
                      f"address={msg.address:#x} ptid={msg.ptid}")
         uffd.copy(msg.address & ~(PAGE_SIZE - 1), src, PAGE_SIZE)

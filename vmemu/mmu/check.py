@@ -46,8 +46,8 @@ def check_mm(mm: MmStruct, maps: Counter[int], entire: Counter[int],
     mem_map = mm.phys.mem_map
     zero_pfn = mm.phys.zero_pfn
     for addr, e, level in mm.pgtables.iter_present():
-        vma = mm.vmas.vma_lookup(addr)
-        assert vma is not None, f"{level} entry {e:#x} at {addr:#x} outside any VMA"
+        found = mm.vmas.vma_lookup(addr)
+        assert found is not None, f"{level} entry {e:#x} at {addr:#x} outside any VMA"
         if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
             if is_real_swap_pte(e):
                 mm.check_swap_pte(addr, e)

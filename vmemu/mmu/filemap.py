@@ -13,7 +13,13 @@ from typing import Any
 from vmemu.constants import PAGE_SHIFT
 from vmemu.mmu.folio import PG
 from vmemu.mmu.memory import zap_pte
-from vmemu.mmu.pgtable import _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_SPECIAL, PTE_PFN_MASK, is_pte_marker
+from vmemu.mmu.pgtable import (
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_SPECIAL,
+    PTE_PFN_MASK,
+    is_pte_marker,
+)
 from vmemu.mmu.vma import VM_UFFD_WP
 
 

@@ -38,14 +38,14 @@ from vmemu.mmu.pgtable import (
     _PAGE_SPECIAL,
     _PAGE_UFFD_WP,
     _PAGE_USER,
+    PTE_MARKER_UFFD_WP,
     PTE_PFN_MASK,
+    SWP_HWPOISON,
     is_poisoned_marker,
     is_pte_marker,
     is_uffd_wp_marker,
     pte_marker_get,
-    PTE_MARKER_UFFD_WP,
     swp_type,
-    SWP_HWPOISON,
 )
 from vmemu.mmu.vma import (
     VM_EXEC,

@@ -12,6 +12,7 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import (
+    LEGACY_MAP_MASK,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
@@ -25,7 +26,6 @@ from vmemu.constants import (
     MAP_SHARED,
     MAP_SHARED_VALIDATE,
     MAP_TYPE,
-    LEGACY_MAP_MASK,
     MMAP_MIN_ADDR,
     PAGE_SHIFT,
     PAGE_SIZE,

@@ -12,7 +12,15 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from vmemu.constants import PAGE_SHIFT, PAGE_SIZE, PROT_EXEC, PROT_GROWSDOWN, PROT_GROWSUP, PROT_READ, PROT_WRITE
+from vmemu.constants import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_GROWSDOWN,
+    PROT_GROWSUP,
+    PROT_READ,
+    PROT_WRITE,
+)
 from vmemu.errors import raise_errno
 from vmemu.mmu.folio import PG
 from vmemu.mmu.memory import vm_get_page_prot

@@ -55,7 +55,7 @@ class PageTables:
         self.nr_tables = 1
 
     def _next(self, entry: int) -> list[int]:
-        return self.phys.mem_map[(entry & PTE_PFN_MASK) >> PAGE_SHIFT]  # type: ignore[no-any-return]
+        return self.phys.mem_map[(entry & PTE_PFN_MASK) >> PAGE_SHIFT]
 
     def _alloc_into(self, table: list[int], idx: int) -> list[int]:
         pfn, new = self.phys.alloc_table()
@@ -79,7 +79,7 @@ class PageTables:
         i = (addr >> 30) & 511
         e = pud[i]
         if e:
-            return mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]  # type: ignore[no-any-return]
+            return mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
         if alloc:
             return self._alloc_into(pud, i)
         return None
@@ -107,7 +107,7 @@ class PageTables:
         if e:
             if e & _PAGE_PSE or not e & 1:  # a huge leaf, or a non-present one (hugetlb marker)
                 return None
-            return mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]  # type: ignore[no-any-return]
+            return mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
         if alloc:
             return self._alloc_into(pmd, i)
         return None

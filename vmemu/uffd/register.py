@@ -11,7 +11,7 @@ kernel implements for it.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import PAGE_SIZE, TASK_SIZE
 from vmemu.errors import raise_errno
@@ -132,7 +132,10 @@ def register(ctx: Userfaultfd, start: int, length: int, mode: int) -> int:
             if cur.vm_userfaultfd_ctx is ctx and cur.vm_flags & vm_flags == vm_flags:
                 continue
             new_flags = (cur.vm_flags & ~VM_UFFD_FLAGS) | vm_flags
-            vma = vma_modify(mm, cur, start, end, lambda v, f=new_flags: _set_uffd(v, ctx, f))
+            def apply(v: Vma, f: int = new_flags) -> None:
+                _set_uffd(v, ctx, f)
+
+            vma = vma_modify(mm, cur, start, end, apply)
             _set_uffd(vma, ctx, (vma.vm_flags & ~VM_UFFD_FLAGS) | vm_flags)
     ioctls = UFFD_API_RANGE_IOCTLS_BASIC if basic else UFFD_API_RANGE_IOCTLS
     if not mode & UFFDIO_REGISTER_MODE_MINOR:
@@ -151,7 +154,7 @@ def clear_vma(ctx: Userfaultfd | None, vma: Vma, start: int, end: int) -> Vma:
     return vma_modify(mm, vma, start, end, lambda v: _set_uffd(v, None, 0))
 
 
-def vma_mm(vma: Vma, ctx: Userfaultfd | None) -> object:
+def vma_mm(vma: Vma, ctx: Userfaultfd | None) -> Any:
     """The mm a registered VMA belongs to (``vma->vm_mm``)."""
     assert ctx is not None
     return ctx.mm
