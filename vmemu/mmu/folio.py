@@ -103,6 +103,19 @@ class Folio:
                 f"map={self.mapcount}, flags={'|'.join(n for n in names if n)})")
 
 
+def folio_maybe_mapped_shared(folio: Folio) -> bool:
+    """True when some page of ``folio`` may be mapped twice (``folio_maybe_mapped_shared``).
+
+    A PMD mapping maps every page once; vmemu splits partly mapped THPs at
+    once, so a large folio is mapped by whole copies and is shared exactly
+    when it maps more page-mappings than it has pages.
+    """
+    if not folio.order:
+        return folio.mapcount > 1
+    entire = folio.entire_mapcount
+    return entire * folio.nr_pages + folio.mapcount - entire > folio.nr_pages
+
+
 @attrs.frozen
 class PhysMemStats:
     """A snapshot of physical memory use."""

@@ -357,6 +357,43 @@ def split_huge_range(mm: MmStruct, vma: Vma, start: int, end: int) -> None:
     _split_straddling(mm, end - PAGE_SIZE, start, end)
 
 
+def madvise_free_huge_pmd(mm: MmStruct, vma: Vma, start: int, end: int) -> None:
+    """MADV_FREE over the THP PMD leaves of ``[start, end)`` (``madvise_free_huge_pmd``).
+
+    A leaf the range covers whole is made clean and old and its folio
+    lazily freeable (``folio_mark_lazyfree``) without a split; a leaf
+    covered partly has its folio split, so the PTE walk that follows frees
+    just those pages. A folio another process maps too is left alone.
+    """
+    from vmemu.mmu.folio import folio_maybe_mapped_shared
+
+    addr = start & HPAGE_PMD_MASK
+    while addr < end:
+        lo, hi = max(addr, start), min(addr + PMD_SIZE, end)
+        pmd, idx, e = _huge_leaf(mm, addr)
+        if e and pmd is not None:
+            folio = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+            if folio.flags & PG.hugetlb or folio_maybe_mapped_shared(folio):
+                pass
+            elif hi - lo != PMD_SIZE:
+                split_folio(mm.phys, folio)
+            else:
+                folio.flags &= ~PG.dirty
+                if e & (_PAGE_ACCESSED | _PAGE_DIRTY):
+                    pmd[idx] = e & ~(_PAGE_ACCESSED | _PAGE_DIRTY)
+                    mm.tlb.flush_range(addr, addr + PMD_SIZE)
+                folio_mark_lazyfree(mm.phys, folio)
+        addr += PMD_SIZE
+
+
+def folio_mark_lazyfree(phys: PhysMem, folio: Folio) -> None:
+    """Make an anonymous folio lazily freeable: not swapbacked (``folio_mark_lazyfree``)."""
+    if folio.flags & PG.anon and folio.flags & PG.swapbacked and \
+            not folio.flags & (PG.swapcache | PG.mlocked):
+        folio.flags &= ~PG.swapbacked
+        count_vm_event(phys, "pglazyfree", folio.nr_pages)
+
+
 # -- zap, fork, mprotect -------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ import attrs
 
 from vmemu.constants import PAGE_SHIFT, SEGV_ACCERR, SEGV_MAPERR, TASK_SIZE
 from vmemu.errors import Sigsegv, VmFault, fault_to_signal
-from vmemu.mmu.folio import PG, Folio, PhysMem
+from vmemu.mmu.folio import PG, Folio, PhysMem, folio_maybe_mapped_shared
 from vmemu.mmu.memory import FAULT_FLAG_USER, FAULT_FLAG_WRITE, anon_vma_prepare, handle_mm_fault
 from vmemu.mmu.pagetable import PageTables
 from vmemu.mmu.pgtable import (
@@ -290,10 +290,17 @@ class MmStruct:
         """MADV_FREE: mark exclusive anon pages clean and freeable (``madvise_free_pte_range``).
 
         Their contents stay until reclaim discards them; a write in between
-        dirties the PTE again and keeps the page.
+        dirties the PTE again and keeps the page. THPs go through
+        :func:`~vmemu.mmu.huge_memory.madvise_free_huge_pmd` first; a
+        PTE-mapped large folio the range covers whole is freed whole, one
+        covered partly is split unless another process maps it.
         """
+        from vmemu.mmu.huge_memory import folio_mark_lazyfree, madvise_free_huge_pmd, split_folio
+
+        madvise_free_huge_pmd(self, vma, start, end)
         mem_map = self.phys.mem_map
-        for _addr, table, lo, hi in self.pgtables.iter_pte_tables(start, end):
+        for addr, table, lo, hi in self.pgtables.iter_pte_tables(start, end):
+            base = addr & ~((1 << 21) - 1)
             for idx in range(lo, hi):
                 pte = table[idx]
                 if not pte:
@@ -305,7 +312,19 @@ class MmStruct:
                     continue
                 if pte & _PAGE_SPECIAL:
                     continue
-                folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
+                pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
+                folio = mem_map[pfn]
+                if folio.order and not folio.flags & PG.hugetlb:
+                    first = (base | (idx << PAGE_SHIFT)) - ((pfn - folio.pfn) << PAGE_SHIFT)
+                    if start <= first and first + (folio.nr_pages << PAGE_SHIFT) <= end:
+                        if folio.mapcount == folio.nr_pages:  # mapped here only, whole
+                            table[idx] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
+                            folio.flags &= ~PG.dirty
+                            folio_mark_lazyfree(self.phys, folio)
+                        continue
+                    if folio_maybe_mapped_shared(folio) or not split_folio(self.phys, folio):
+                        continue
+                    folio = mem_map[pfn]
                 if folio.mapcount != 1:
                     continue
                 if folio.flags & PG.swapcache:
@@ -315,7 +334,8 @@ class MmStruct:
                         if not folio_free_swap(self.phys.swap, folio):
                             continue
                 table[idx] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
-                folio.flags &= ~(PG.dirty | PG.swapbacked)
+                folio.flags &= ~PG.dirty
+                folio_mark_lazyfree(self.phys, folio)
         self.tlb.flush_range(start, end)
 
     # -- the syscalls ----------------------------------------------------------

@@ -58,7 +58,8 @@ PG_REFERENCED = int(PG.referenced)
 PG_ACTIVE = int(PG.active)
 PG_MLOCKED = int(PG.mlocked)
 PG_LARGE = int(PG.large)
-PG_UNEVICTABLE = int(PG.large | PG.hugetlb | PG.hwpoison | PG.zero | PG.mlocked)
+PG_HUGETLB = int(PG.hugetlb)
+PG_UNEVICTABLE = int(PG.hugetlb | PG.hwpoison | PG.zero | PG.mlocked)  # never reclaimed
 
 SWP_USED = 1 << 0  # swap_info_struct.flags
 SWP_WRITEOK = 1 << 1

@@ -17,16 +17,33 @@
   the inode (``shmem_writeout``), then it is written and freed the same way;
 * a folio only the swap cache holds is dropped (written first if dirty).
 
-It keeps a folio that is mapped by a ``VM_LOCKED`` VMA (mlock), large,
-hugetlb, poisoned, or held by anyone besides its mappings and caches (a
-fault in progress, a pin). Without a swap device only lazily freed and
+A large anonymous folio (a THP, PMD- or PTE-mapped) goes the way Linux
+6.18 sends it when ``folio_alloc_swap`` cannot find a free cluster for it:
+
+* lazily freed: ``try_to_unmap`` splits each PMD mapping
+  (``TTU_SPLIT_HUGE_PMD``; vmstat ``thp_split_pmd``) and then discards the
+  whole folio if no PTE was written since, or keeps it - PTE-mapped from
+  now on - and makes it swapbacked again if one was;
+* otherwise ``split_folio_to_list`` splits it into order-0 folios
+  (``thp_split_page``, ``thp_swpout_fallback``) which are then reclaimed
+  one by one - even without swap, where they simply stay, exactly as the
+  kernel of the reference machine does for ``MADV_PAGEOUT`` of a THP.
+
+vmemu's swap devices hand out single slots (no swap clusters), so a THP
+is never swapped out whole (``THP_SWAP``; vmstat ``thp_swpout`` stays 0).
+
+It keeps a folio that is mapped by a ``VM_LOCKED`` VMA (mlock), hugetlb,
+poisoned, or held by anyone besides its mappings and caches (a fault in
+progress, a pin). Without a swap device only lazily freed and
 swap-cache-only folios can go.
 
 Victims: :func:`try_to_free_pages`, the memory limit's reclaim hook, takes
 ``MADV_COLD`` folios first, then runs a clock over ``mem_map`` (second
 chance: a folio whose accessed bits were set is spared once, its bits
 cleared) - deterministic, LRU-ish. ``MADV_PAGEOUT`` reclaims the folios it
-names directly, ignoring references (``reclaim_pages``).
+names directly, ignoring references (``reclaim_pages``). Both skip folios
+mapped by more than one process and split a THP the range covers only
+partly (``madvise_cold_or_pageout_pte_range``).
 """
 
 from __future__ import annotations
@@ -36,12 +53,13 @@ from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import PAGE_SHIFT
 from vmemu.errors import raise_errno
-from vmemu.mmu.folio import Folio, PhysMem
+from vmemu.mmu.folio import Folio, PhysMem, folio_maybe_mapped_shared
 from vmemu.mmu.pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_PRESENT,
     _PAGE_PROTNONE,
+    _PAGE_PSE,
     _PAGE_SPECIAL,
     _PAGE_SWP_EXCLUSIVE,
     _PAGE_SWP_UFFD_WP,
@@ -56,7 +74,7 @@ from vmemu.mmu.swapfile import (
     PG_ANON,
     PG_ANON_EXCLUSIVE,
     PG_DIRTY,
-    PG_LARGE,
+    PG_HUGETLB,
     PG_REFERENCED,
     PG_SWAPBACKED,
     PG_SWAPCACHE,
@@ -71,6 +89,7 @@ if TYPE_CHECKING:
 
 SWAP_CLUSTER_MAX = 32
 _UNEVICTABLE = PG_UNEVICTABLE
+_PMD_SIZE = 1 << 21
 
 
 def owner_map(phys: PhysMem) -> dict[int, Any]:
@@ -84,16 +103,28 @@ def _pte_slot(hit: RmapHit) -> tuple[list[int], int]:
     return table, (hit.address >> PAGE_SHIFT) & 511
 
 
+def _entry_slot(hit: RmapHit) -> tuple[list[int], int]:
+    """The table and index of the PTE or PMD entry an rmap hit names."""
+    if hit.level == "pmd":
+        table = hit.mm.pgtables.pmd_table(hit.address, False)
+        assert table is not None
+        return table, (hit.address >> 21) & 511
+    return _pte_slot(hit)
+
+
 def folio_referenced(folio: Folio, hits: list[RmapHit]) -> bool:
     """Test and clear every mapping's accessed bit and PG.referenced (``folio_referenced``)."""
     referenced = bool(folio.flags & PG_REFERENCED)
     folio.flags &= ~PG_REFERENCED
     for hit in hits:
-        table, idx = _pte_slot(hit)
+        table, idx = _entry_slot(hit)
         pte = table[idx]
         if pte & _PAGE_ACCESSED:
             table[idx] = pte & ~_PAGE_ACCESSED
-            hit.mm.tlb.flush_page(hit.address)  # so the next access sets A again
+            if hit.level == "pmd":
+                hit.mm.tlb.flush_range(hit.address, hit.address + _PMD_SIZE)
+            else:
+                hit.mm.tlb.flush_page(hit.address)  # so the next access sets A again
             referenced = True
     return referenced
 
@@ -137,6 +168,8 @@ def shrink_folio(space: SwapSpace, folio: Folio, owner_of: dict[int, Any],
         return False
     if folio.refcount != folio.mapcount + phys.extra_refs(folio):
         return False  # someone holds it: a fault in progress, a pin
+    if folio.order:
+        return _shrink_large(space, folio, owner_of, ignore_references)
     if hits is None:
         hits = _rmap_hits(folio, owner_of)
     if hits is None:
@@ -163,6 +196,49 @@ def shrink_folio(space: SwapSpace, folio: Folio, owner_of: dict[int, Any],
         locks.release()
 
 
+def _shrink_large(space: SwapSpace, folio: Folio, owner_of: dict[int, Any],
+                  ignore_references: bool) -> bool:
+    """Reclaim a large anonymous folio (the ``folio_test_large`` paths of ``shrink_folio_list``).
+
+    Lazily freed: split its PMD mappings and discard it whole if clean.
+    Otherwise split it (``split_folio_to_list``: vmemu's swap has no
+    clusters for a THP) and reclaim the order-0 pieces; True when every
+    piece was freed.
+    """
+    from vmemu.mmu.huge_memory import count_vm_event, split_folio, split_huge_pmd
+
+    if not folio.flags & PG_ANON:
+        return False  # no large page-cache folios in vmemu (shmem_enabled=never)
+    hits = list(rmap_walk(folio, owner_of))
+    if len(hits) != folio.mapcount:
+        return False  # mapped where rmap cannot see: leave it alone
+    if any(h.vma.vm_flags & VM_LOCKED for h in hits):
+        return False
+    if not ignore_references and folio_referenced(folio, hits):
+        return False
+    locks = _MmLocks(hits)
+    if not locks.ok:
+        return False
+    phys = space.phys
+    try:
+        if not folio.flags & PG_SWAPBACKED:
+            for hit in hits:  # try_to_unmap_one(TTU_SPLIT_HUGE_PMD): split_huge_pmd_locked
+                if hit.level == "pmd":
+                    split_huge_pmd(hit.mm, hit.vma, hit.address)
+            hits = list(rmap_walk(folio, owner_of))
+            return _discard_lazyfree(space, folio, hits)
+        if folio.flags & PG_SWAPCACHE or not split_folio(phys, folio):
+            return False
+        count_vm_event(phys, "thp_swpout_fallback")
+    finally:
+        locks.release()
+    mem_map = phys.mem_map
+    pieces = [mem_map[pfn] for pfn in range(folio.pfn, folio.pfn + folio.nr_pages)
+              if isinstance(mem_map[pfn], Folio)]
+    freed = [shrink_folio(space, piece, owner_of, ignore_references) for piece in pieces]
+    return all(freed)
+
+
 def _discard_lazyfree(space: SwapSpace, folio: Folio, hits: list[RmapHit]) -> bool:
     """A clean MADV_FREE folio: clear its PTEs and free it; a redirtied one stays."""
     slots = [_pte_slot(h) for h in hits]
@@ -176,8 +252,8 @@ def _discard_lazyfree(space: SwapSpace, folio: Folio, hits: list[RmapHit]) -> bo
         hit.mm.tlb.flush_page(hit.address)
         folio.mapcount -= 1
         space.phys.folio_put(folio)
-    space.pglazyfreed += 1
-    space.pgsteal += 1
+    space.pglazyfreed += folio.nr_pages
+    space.pgsteal += folio.nr_pages
     return True
 
 
@@ -318,6 +394,9 @@ def try_to_free_pages(phys: PhysMem, nr_pages: int) -> int:
             hand = pos + 1 if pos + 1 < n else 0
             if not _candidate(folio, have_swap) or folio.pfn != pos:
                 continue
+            if folio.order:  # a THP: references are checked on all its mappings, PMD or PTE
+                shrink_folio(space, folio, owner_of, ignore_references=False)
+                continue
             hits = _rmap_hits(folio, owner_of)
             if hits is None or folio_referenced(folio, hits):
                 continue
@@ -334,27 +413,96 @@ def can_madv_lru_vma(vma: Vma) -> bool:
     return not vma.vm_flags & (VM_LOCKED | VM_PFNMAP | VM_HUGETLB)
 
 
+def _huge_pmd_folios(mm: MmStruct, start: int, end: int, out: list[Folio]) -> None:
+    """The PMD branch of ``madvise_cold_or_pageout_pte_range``.
+
+    A THP mapped only here and covered whole is made old and taken as it
+    is; one covered partly is split (``split_folio``) so the PTE walk sees
+    its pages; one mapped by another process too is left alone.
+    """
+    from vmemu.mmu.huge_memory import split_folio
+
+    mem_map = mm.phys.mem_map
+    addr = start & ~(_PMD_SIZE - 1)
+    while addr < end:
+        lo, hi = max(addr, start), min(addr + _PMD_SIZE, end)
+        pmd = mm.pgtables.pmd_table(addr, False)
+        e = pmd[(addr >> 21) & 511] if pmd is not None else 0
+        if e & _PAGE_PSE and e & (_PAGE_PRESENT | _PAGE_PROTNONE):
+            folio = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+            if isinstance(folio, Folio) and not folio.flags & PG_HUGETLB and \
+                    not folio_maybe_mapped_shared(folio):
+                if hi - lo != _PMD_SIZE:
+                    split_folio(mm.phys, folio)
+                else:
+                    assert pmd is not None
+                    if e & _PAGE_ACCESSED:
+                        pmd[(addr >> 21) & 511] = e & ~_PAGE_ACCESSED
+                        mm.tlb.flush_range(addr, addr + _PMD_SIZE)
+                    folio.flags = int(folio.flags) & ~(PG_REFERENCED | PG_ACTIVE)
+                    out.append(folio)
+        addr += _PMD_SIZE
+
+
+def _fully_mapped_here(mm: MmStruct, folio: Folio, addr: int, pfn: int, start: int,
+                       end: int) -> bool:
+    """Do consecutive PTEs inside ``[start, end)`` map all of ``folio`` (``folio_pte_batch``)?"""
+    first = addr - ((pfn - folio.pfn) << PAGE_SHIFT)
+    if first < start or first + (folio.nr_pages << PAGE_SHIFT) > end:
+        return False
+    get_pte = mm.pgtables.get_pte
+    return all((get_pte(first + (i << PAGE_SHIFT)) & PTE_PFN_MASK) >> PAGE_SHIFT == folio.pfn + i
+               for i in range(folio.nr_pages))
+
+
 def _exclusive_folios(mm: MmStruct, start: int, end: int) -> list[Folio]:
-    """Folios mapped once in the range, PTEs made old (``madvise_cold_or_pageout_pte_range``)."""
+    """Folios mapped once in the range, PTEs made old (``madvise_cold_or_pageout_pte_range``).
+
+    A PTE-mapped large folio the range covers whole is taken whole when no
+    other process maps it; one covered partly is split first, unless it is
+    shared, when it is skipped.
+    """
+    from vmemu.mmu.huge_memory import split_folio
+
     out: list[Folio] = []
+    _huge_pmd_folios(mm, start, end, out)
+    taken: set[int] = set()
     mem_map = mm.phys.mem_map
     for addr, table, lo, hi in mm.pgtables.iter_pte_tables(start, end):
-        base = addr & ~((1 << 21) - 1)
+        base = addr & ~(_PMD_SIZE - 1)
         for idx in range(lo, hi):
             pte = table[idx]
             if not pte & (_PAGE_PRESENT | _PAGE_PROTNONE) or pte & _PAGE_SPECIAL:
                 continue
-            folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
-            if not isinstance(folio, Folio) or folio.mapcount != 1:
+            pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
+            folio = mem_map[pfn]
+            if not isinstance(folio, Folio):
                 continue
             folio.flags = int(folio.flags)
-            if folio.flags & PG_LARGE:
+            if folio.order:
+                if folio.flags & PG_HUGETLB:
+                    continue
+                if id(folio) in taken:
+                    pass
+                elif not _fully_mapped_here(mm, folio, base | (idx << PAGE_SHIFT), pfn,
+                                            start, end):
+                    if folio_maybe_mapped_shared(folio) or not split_folio(mm.phys, folio):
+                        continue
+                    folio = mem_map[pfn]  # now an order-0 piece
+                elif folio.mapcount != folio.nr_pages:
+                    continue  # fully mapped here but shared
+                else:
+                    taken.add(id(folio))
+                    out.append(folio)
+                    folio.flags &= ~(PG_REFERENCED | PG_ACTIVE)
+            if not folio.order and folio.mapcount != 1:
                 continue
             if pte & _PAGE_ACCESSED:
                 table[idx] = pte & ~_PAGE_ACCESSED
                 mm.tlb.flush_page(base | (idx << PAGE_SHIFT))
-            folio.flags &= ~(PG_REFERENCED | PG_ACTIVE)
-            out.append(folio)
+            if not folio.order:
+                folio.flags &= ~(PG_REFERENCED | PG_ACTIVE)
+                out.append(folio)
     return out
 
 
