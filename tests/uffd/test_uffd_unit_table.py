@@ -199,17 +199,12 @@ def _wp_fork(kind: str, with_event: bool) -> None:
     p.check()
 
 
-HUGETLB_WP_GAP = "hugetlb DONTNEED/zap does not yet leave a uffd-wp marker (__unmap_hugepage_range)"
-
-
-@pytest.mark.parametrize("kind", [k if k != "hugetlb" else pytest.param(
-    k, marks=pytest.mark.xfail(strict=True, reason=HUGETLB_WP_GAP)) for k in MEM_TYPES])
+@pytest.mark.parametrize("kind", MEM_TYPES)
 def test_wp_fork(kind: str) -> None:
     _wp_fork(kind, False)
 
 
-@pytest.mark.parametrize("kind", [k if k != "hugetlb" else pytest.param(
-    k, marks=pytest.mark.xfail(strict=True, reason=HUGETLB_WP_GAP)) for k in MEM_TYPES])
+@pytest.mark.parametrize("kind", MEM_TYPES)
 def test_wp_fork_with_event(kind: str) -> None:
     _wp_fork(kind, True)
 

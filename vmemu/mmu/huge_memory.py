@@ -397,12 +397,18 @@ def folio_mark_lazyfree(phys: PhysMem, folio: Folio) -> None:
 # -- zap, fork, mprotect -------------------------------------------------------------------
 
 
-def zap_huge_pmds(mm: MmStruct, vma: Vma, start: int, end: int) -> None:
-    """Unmap the huge PMD leaves ``[start, end)`` covers whole (``zap_huge_pmd``)."""
+def zap_huge_pmds(mm: MmStruct, vma: Vma, start: int, end: int,
+                  keep_wp_marker: bool = False) -> None:
+    """Unmap the huge PMD leaves ``[start, end)`` covers whole (``zap_huge_pmd``).
+
+    ``keep_wp_marker`` only matters for hugetlb, where a zapped uffd-wp entry
+    becomes a huge uffd-wp marker; a THP leaf is anonymous (no marker) or a
+    file THP, which uffd-wp splits before protecting.
+    """
     if vma.vm_flags & VM_HUGETLB:
         from vmemu.mmu.hugetlb import unmap_hugepage_range
 
-        unmap_hugepage_range(mm, vma, start, end)
+        unmap_hugepage_range(mm, vma, start, end, keep_wp_marker)
         return
     addr = (start + PMD_SIZE - 1) & HPAGE_PMD_MASK
     while addr + PMD_SIZE <= end:

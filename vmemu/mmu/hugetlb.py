@@ -84,6 +84,7 @@ from vmemu.mmu.pgtable import (
     _PAGE_SOFT_DIRTY,
     _PAGE_UFFD_WP,
     PTE_PFN_MASK,
+    UFFD_WP_MARKER,
     is_poisoned_marker,
     is_uffd_wp_marker,
 )
@@ -393,11 +394,14 @@ class HugetlbInode(ShmemInode):
         self.resv_pending -= gone
         self.resv_map = {i for i in self.resv_map if i < first}
 
-    def unmap_from(self, first: int, last: int = 1 << 62, even_cows: bool = True) -> None:
+    def unmap_from(self, first: int, last: int = 1 << 62, even_cows: bool = True,
+                   drop_markers: bool = True) -> None:
         """Unmap huge indices ``[first, last)`` from every mapping (``hugetlb_vmdelete_list``).
 
         Without ``even_cows`` only mappings of this file's own pages go;
-        private COW copies stay (a hole punch).
+        private COW copies stay (a hole punch). ``drop_markers`` is
+        ``ZAP_FLAG_DROP_MARKER``: truncate passes it, a hole punch does not,
+        so a punched uffd-wp page leaves a uffd-wp marker behind.
         """
         shift = PAGE_SHIFT + self.hstate.order
         for vma in list(self.i_mmap):
@@ -410,13 +414,14 @@ class HugetlbInode(ShmemInode):
                 if mm.vmas.vma_lookup(vma.vm_start) is not vma:
                     continue
                 if even_cows:
-                    unmap_hugepage_range(mm, vma, start, end)
+                    unmap_hugepage_range(mm, vma, start, end, not drop_markers)
                     continue
                 for addr in range(start, end, self.hstate.size):
                     _pmd, e = _entry_at(mm, addr)
                     if e & (_PAGE_PRESENT | _PAGE_PROTNONE) and \
                             mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT].mapping is self:
-                        unmap_hugepage_range(mm, vma, addr, addr + self.hstate.size)
+                        unmap_hugepage_range(mm, vma, addr, addr + self.hstate.size,
+                                             not drop_markers)
 
     def drop_range(self, first: int, last: int) -> None:
         """Punch 4 KiB page indices ``[first, last)`` (``hugetlbfs_punch_hole``).
@@ -429,7 +434,7 @@ class HugetlbInode(ShmemInode):
         hlast = last >> order
         if hfirst >= hlast:
             return
-        self.unmap_from(hfirst, hlast, even_cows=False)
+        self.unmap_from(hfirst, hlast, even_cows=False, drop_markers=False)
         for hidx in range(hfirst, hlast):
             folio = self.huge.pop(hidx, None)
             if folio is not None:
@@ -848,8 +853,17 @@ def unmap_ref_private(mm: MmStruct, vma: Vma, folio: Folio, haddr: int) -> None:
 # -- zap, fork, mprotect -------------------------------------------------------------
 
 
-def unmap_hugepage_range(mm: MmStruct, vma: Vma, start: int, end: int) -> None:
-    """Unmap the huge pages of ``[start, end)`` (``__unmap_hugepage_range``); start/end aligned."""
+def unmap_hugepage_range(mm: MmStruct, vma: Vma, start: int, end: int,
+                         keep_wp_marker: bool) -> None:
+    """Unmap the huge pages of ``[start, end)`` (``__unmap_hugepage_range``); start/end aligned.
+
+    ``keep_wp_marker`` is the absence of ``ZAP_FLAG_DROP_MARKER``: a zap that
+    leaves the mapping in place (MADV_DONTNEED, a hole punch) turns a uffd-wp
+    protected entry, present or already a marker, into a uffd-wp pte marker
+    at the huge entry, so the protection outlives the page; munmap, exit and
+    truncate drop markers. A poison marker is always cleared. hugetlb has no
+    anonymous exception here: private mappings keep their markers too.
+    """
     h = hstate_vma(vma)
     addr = start & h.mask
     while addr < end:
@@ -859,8 +873,10 @@ def unmap_hugepage_range(mm: MmStruct, vma: Vma, start: int, end: int) -> None:
             if e & _PAGE_DIRTY:
                 folio.set(PG.dirty)
             _unmap_folio(mm, vma, addr, folio)
-        elif e:
-            _set_huge_entry(mm, addr, h, lambda i: 0)  # a uffd-wp marker or poison
+            if e & _PAGE_UFFD_WP and keep_wp_marker:  # huge_pte_uffd_wp(pte)
+                _set_huge_entry(mm, addr, h, lambda i: UFFD_WP_MARKER)
+        elif e and not (keep_wp_marker and is_uffd_wp_marker(e)):  # pte_swp_uffd_wp_any
+            _set_huge_entry(mm, addr, h, lambda i: 0)  # huge_pte_clear
         addr += h.size
     mm.tlb.flush_range(start, end)
 

@@ -115,6 +115,9 @@ def truncate_setsize(inode: Any, size: int) -> None:
         raise_errno(errno.EPERM)
     if size > old and inode.seals & F_SEAL_GROW:
         raise_errno(errno.EPERM)
+    if getattr(inode, "is_hugetlb", False):
+        inode.set_size(size)  # hugetlbfs_setattr: huge-aligned sizes only, markers dropped
+        return
     inode.i_size = size
     if size < old:
         first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT

@@ -393,7 +393,7 @@ def zap_page_range(mm: MmStruct, vma: Vma, start: int, end: int, keep_wp_marker:
     zaps of a uffd-wp VMA leave a marker so the protection survives.
     """
     mm.split_huge_range(vma, start, end)
-    mm.zap_huge_pmds(vma, start, end)
+    mm.zap_huge_pmds(vma, start, end, keep_wp_marker)
     for _addr, table, lo, hi in mm.pgtables.iter_pte_tables(start, end):
         for idx in range(lo, hi):
             if table[idx]:

@@ -140,11 +140,11 @@ class MmStruct:
 
         split_huge_range(self, vma, start, end)
 
-    def zap_huge_pmds(self, vma: Vma, start: int, end: int) -> None:
+    def zap_huge_pmds(self, vma: Vma, start: int, end: int, keep_wp_marker: bool = False) -> None:
         """Unmap huge PMD leaves inside ``[start, end)`` (``zap_huge_pmd``, hugetlb unmap)."""
         from vmemu.mmu.huge_memory import zap_huge_pmds
 
-        zap_huge_pmds(self, vma, start, end)
+        zap_huge_pmds(self, vma, start, end, keep_wp_marker)
 
     def copy_huge_pmds(self, child: MmStruct, src_vma: Vma, dst_vma: Vma,
                        keep_uffd_wp: bool) -> None:

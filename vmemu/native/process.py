@@ -135,6 +135,10 @@ class NativeProcess:
         """ftruncate(2)."""
         libc.ftruncate(fd, length)
 
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2)."""
+        libc.fallocate(fd, mode, offset, length)
+
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
         """pwrite(2)."""
         return os.pwrite(fd, data, offset)
