@@ -303,17 +303,12 @@ def test_sigbus(kind: str) -> None:
     _sigbus(kind, False)
 
 
-@pytest.mark.parametrize("kind", [k if not k.startswith("hugetlb") else pytest.param(
-    k, marks=pytest.mark.xfail(strict=False, reason="hugetlb SIGBUS on uffd-wp PMD: open bug"))
-    for k in MEM_TYPES])
+@pytest.mark.parametrize("kind", MEM_TYPES)
 def test_sigbus_wp(kind: str) -> None:
     _sigbus(kind, True)
 
 
 def _events(kind: str, wp: bool) -> None:
-    if kind.startswith("hugetlb"):
-        pytest.skip("known bug: in the events test a forked child's hugetlb access hangs in "
-                    "handle_userfault (open, named in the closing note)")
     feats = uapi.UFFD_FEATURE_EVENT_FORK | uapi.UFFD_FEATURE_EVENT_REMAP \
         | uapi.UFFD_FEATURE_EVENT_REMOVE
     if wp:

@@ -117,6 +117,9 @@ class FaultHandler:
         self.counters = Counters()
         self._stop = threading.Event()
         self.proc = area.proc
+        # mapped now, before any fork: after a FORK event the handler copies through the
+        # child's uffd, and COPY reads ``src`` in the child's mm (area_src in uffd-common.c
+        # is likewise mapped before the test forks)
         self.src = self.proc.mmap(0, area.page_size, PROT_READ | PROT_WRITE,
                                   MAP_PRIVATE | MAP_ANONYMOUS)
         self.thread = threading.Thread(target=self._run, name="uffd-handler", daemon=True)
@@ -141,7 +144,10 @@ class FaultHandler:
                 if not r:
                     continue
                 try:
-                    msgs = self.uffd.read_msgs(32 * 8)
+                    # one message per read(), as uffd_read_msg does: a batch read could
+                    # take a fault queued by a task that the read itself released from an
+                    # event (REMOVE), before this thread has acted on the event (unregister)
+                    msgs = self.uffd.read_msgs(32)
                 except OSError as e:
                     if e.errno == errno.EAGAIN:
                         continue
@@ -198,9 +204,6 @@ class FaultHandler:
             self.uffd.wake(page, area.page_size)
 
     def huge_src(self, idx: int) -> int:
-        """A 2 MiB private anonymous source page for hugetlb COPY."""
-        if not hasattr(self, "_huge_src"):
-            self._huge_src = self.proc.mmap(0, HPAGE, PROT_READ | PROT_WRITE,
-                                            MAP_PRIVATE | MAP_ANONYMOUS)
-        self.proc.write(self._huge_src, self.fill(idx))
-        return int(self._huge_src)
+        """The 2 MiB source page for hugetlb COPY (``src`` is a huge page there), filled."""
+        self.proc.write(self.src, self.fill(idx))
+        return int(self.src)

@@ -648,11 +648,17 @@ def _set_huge_entry(mm: MmStruct, haddr: int, h: HState, entry_of: Any) -> None:
 
 
 def make_huge_pte(vma: Vma, folio: Folio, writable: bool, dirty: bool) -> int:
-    """The PMD leaf for ``folio`` (``make_huge_pte``); PFN of its first frame."""
+    """The PMD leaf for ``folio`` (``make_huge_pte``); PFN of its first frame.
+
+    ``writable`` is the kernel's ``try_mkwrite``: writable and dirty when the
+    VMA allows writing, otherwise write-protected even where ``vm_page_prot``
+    grants RW (a shared writable mapping), as ``pte_wrprotect`` does.
+    """
     e = (folio.pfn << PAGE_SHIFT) | vm_get_page_prot(vma.vm_flags) | _PAGE_PSE | _PAGE_ACCESSED
     if writable and vma.vm_flags & VM_WRITE:
-        e |= _PAGE_RW | _PAGE_DIRTY
-    elif dirty:
+        return e | _PAGE_RW | _PAGE_DIRTY
+    e &= ~_PAGE_RW
+    if dirty:
         e |= _PAGE_DIRTY
     return e
 
@@ -762,8 +768,8 @@ def hugetlb_no_page(mm: MmStruct, vmf: VmFaultInfo, h: HState, hidx: int) -> VmF
     if not vma.vm_flags & VM_MAYSHARE:
         anon_vma_prepare(vma)
     shared = bool(vma.vm_flags & VM_SHARED)
-    entry = make_huge_pte(vma, folio, writable=shared and write and not uffd_wp,
-                          dirty=shared and write)
+    # a shared mapping maps writable even on a read fault (no write-notify for hugetlbfs)
+    entry = make_huge_pte(vma, folio, writable=shared and not uffd_wp, dirty=shared and write)
     if uffd_wp:  # pte_marker_uffd_wp(vmf->orig_pte): huge_pte_mkuffd_wp(new_pte)
         entry = (entry | _PAGE_UFFD_WP) & ~_PAGE_RW
     if write and shared:

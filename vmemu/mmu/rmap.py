@@ -61,8 +61,8 @@ def rmap_walk(folio: Folio, owner_of: dict[int, MmStruct]) -> Iterator[RmapHit]:
             if pmd is None:
                 continue
             e = pmd[(addr >> 21) & 511]
-            if e & _PAGE_PSE:
-                if i == 0 and ((e & PTE_PFN_MASK) >> PAGE_SHIFT) == folio.pfn:
+            if e & _PAGE_PSE:  # a 1 GiB hugetlb page is 512 such leaves in vmemu
+                if not i & 511 and ((e & PTE_PFN_MASK) >> PAGE_SHIFT) == folio.pfn + i:
                     yield RmapHit(mm, vma, addr, "pmd")
                 continue
             pte = mm.pgtables.get_pte(addr)

@@ -106,8 +106,7 @@ def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault
         return VmFault.SIGBUS
     huge_mask = (1 << PAGE_SHIFT) - 1
     if vmf.vma.vm_flags & VM_HUGETLB:
-        huge_mask = vmf.vma.vm_file.huge_size - 1 if hasattr(vmf.vma.vm_file, "huge_size") \
-            else (1 << 21) - 1
+        huge_mask = vmf.vma.vm_file.hstate.size - 1  # vma_kernel_pagesize: 2 MiB or 1 GiB
     uwq = UserfaultWait(userfault_msg(vmf, reason, ctx.features, huge_mask), vmf.task)
     mm = ctx.mm
     if ctx.kernel.runtime.tracer.enabled:
