@@ -933,8 +933,8 @@ def memfd_hugetlb_setup(phys: PhysMem, name: str, flags: int) -> HugetlbInode:
     """The inode behind ``memfd_create(name, MFD_HUGETLB | MFD_HUGE_*)`` (size 0)."""
     pool = hugetlb_pool(phys)
     h = pool.hstate_sizelog((flags >> MAP_HUGE_SHIFT) & MAP_HUGE_MASK)  # MFD_HUGE_SHIFT == 26
-    if h is None:
-        raise_errno(errno.EINVAL, "unsupported MFD_HUGE_* size")
+    if h is None:  # hugetlb_file_setup finds no hstate
+        raise_errno(errno.ENODEV, "unsupported MFD_HUGE_* size")
     return HugetlbInode(pool, h, 0, f"memfd:{name}", anon=False)
 
 

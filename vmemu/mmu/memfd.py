@@ -106,32 +106,44 @@ def add_seals(inode: Any, seals: int) -> None:
     inode.seals |= seals
 
 
+def _is_hugetlb(inode: Any) -> bool:
+    return bool(getattr(inode, "is_hugetlb", False))
+
+
 def truncate_setsize(inode: Any, size: int) -> None:
-    """Set ``i_size``, dropping cached pages and mappings beyond it (``shmem_setattr``)."""
+    """Set ``i_size``, dropping cached pages and mappings beyond it (``shmem_setattr``).
+
+    A hugetlbfs file takes only multiples of its huge page size, EINVAL
+    otherwise, checked before the seals (``hugetlbfs_setattr``).
+    """
     if size < 0 or size > MAX_LFS_FILESIZE:
         raise_errno(errno.EINVAL)
+    if _is_hugetlb(inode) and size & (inode.hstate.size - 1):
+        raise_errno(errno.EINVAL, "hugetlbfs size must be a multiple of the huge page size")
     old = inode.i_size
     if size < old and inode.seals & F_SEAL_SHRINK:
         raise_errno(errno.EPERM)
     if size > old and inode.seals & F_SEAL_GROW:
         raise_errno(errno.EPERM)
-    if getattr(inode, "is_hugetlb", False):
-        inode.set_size(size)  # hugetlbfs_setattr: huge-aligned sizes only, markers dropped
+    if _is_hugetlb(inode):
+        inode.set_size(size)  # hugetlb_vmtruncate: huge pages, reservations, markers
         return
     inode.i_size = size
     if size < old:
         first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
         unmap_mapping_range(inode, first, 1 << 52, even_cows=True, drop_markers=True)
         inode.drop_range(first, 1 << 52)
-        if size & (PAGE_SIZE - 1):
-            folio = inode.find_folio(size >> PAGE_SHIFT)
-            if folio is not None:
-                off = size & (PAGE_SIZE - 1)
-                folio.data[off:] = bytes(PAGE_SIZE - off)
+        _zero_partial(inode, size, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
 
 
 def fallocate(inode: Any, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) on a shmem file (``shmem_fallocate``)."""
+    """fallocate(2) on a shmem or hugetlbfs file (``shmem_fallocate``, ``hugetlbfs_fallocate``).
+
+    A hole drops the whole pages (4 KiB, or huge pages on hugetlbfs) inside
+    it and zeroes the parts of the pages at its ends; allocation fills the
+    page cache and, without FALLOC_FL_KEEP_SIZE, grows ``i_size`` to
+    ``offset + length`` exactly (unaligned, even on hugetlbfs).
+    """
     if offset < 0 or length <= 0:
         raise_errno(errno.EINVAL)
     if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
@@ -139,34 +151,43 @@ def fallocate(inode: Any, mode: int, offset: int, length: int) -> None:
     if offset + length > MAX_LFS_FILESIZE:
         raise_errno(errno.EFBIG)
     end = offset + length
+    unit = inode.hstate.size if _is_hugetlb(inode) else PAGE_SIZE
     if mode & FALLOC_FL_PUNCH_HOLE:
         if not mode & FALLOC_FL_KEEP_SIZE:
             raise_errno(errno.EOPNOTSUPP)
         if inode.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
             raise_errno(errno.EPERM)
-        first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
-        last = end >> PAGE_SHIFT
+        hole_start = (offset + unit - 1) & ~(unit - 1)
+        hole_end = end & ~(unit - 1)
+        first, last = hole_start >> PAGE_SHIFT, hole_end >> PAGE_SHIFT
         if first < last:
-            unmap_mapping_range(inode, first, last, even_cows=False)
+            if not _is_hugetlb(inode):  # hugetlbfs drop_range unmaps by itself
+                unmap_mapping_range(inode, first, last, even_cows=False)
             inode.drop_range(first, last)
-        _zero_partial(inode, offset, min(end, first << PAGE_SHIFT))
-        _zero_partial(inode, max(offset, last << PAGE_SHIFT), end)
+        _zero_partial(inode, offset, min(end, hole_start))
+        _zero_partial(inode, max(offset, hole_end), end)
         return
-    if not mode & FALLOC_FL_KEEP_SIZE and end > inode.i_size and inode.seals & F_SEAL_GROW:
-        raise_errno(errno.EPERM)
-    for index in range(offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT):
-        if inode.get_folio(index) is None:
+    if end > inode.i_size and inode.seals & F_SEAL_GROW:
+        raise_errno(errno.EPERM)  # even with FALLOC_FL_KEEP_SIZE
+    for u in range(offset // unit, (end + unit - 1) // unit):
+        if inode.get_folio(u * (unit >> PAGE_SHIFT)) is None:
             raise_errno(errno.ENOSPC)
     if not mode & FALLOC_FL_KEEP_SIZE and end > inode.i_size:
         inode.i_size = end
 
 
+def _folio_offset(folio: Any, pos: int) -> int:
+    """Where file offset ``pos`` lies in ``folio.data`` (``offset_in_folio``)."""
+    return pos - (folio.index << PAGE_SHIFT)
+
+
 def _zero_partial(inode: Any, start: int, end: int) -> None:
+    """Zero ``[start, end)`` in the cached folios (``shmem_truncate_range``'s partial pages)."""
     while start < end:
         folio = inode.find_folio(start >> PAGE_SHIFT)
         stop = min(end, (start | (PAGE_SIZE - 1)) + 1)
         if folio is not None:
-            off = start & (PAGE_SIZE - 1)
+            off = _folio_offset(folio, start)
             folio.data[off:off + stop - start] = bytes(stop - start)
         start = stop
 
@@ -184,15 +205,18 @@ def file_read(inode: Any, n: int, offset: int) -> bytes:
         if folio is None:
             out += bytes(stop - pos)
         else:
-            off = pos & (PAGE_SIZE - 1)
+            off = _folio_offset(folio, pos)
             out += folio.data[off:off + stop - pos]
         pos = stop
     return bytes(out)
 
 
 def file_write(inode: Any, data: bytes, offset: int) -> int:
-    """pwrite(2) through the page cache (``shmem_write_begin``/``generic_perform_write``)."""
-    if offset < 0:
+    """pwrite(2) through the page cache (``shmem_write_begin``/``generic_perform_write``).
+
+    hugetlbfs has no ``write_iter``: EINVAL there (write through a mapping).
+    """
+    if offset < 0 or _is_hugetlb(inode):
         raise_errno(errno.EINVAL)
     if inode.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
         raise_errno(errno.EPERM)
@@ -210,7 +234,7 @@ def file_write(inode: Any, data: bytes, offset: int) -> int:
             if done:
                 break
             raise_errno(errno.ENOSPC)
-        off = pos & (PAGE_SIZE - 1)
+        off = _folio_offset(folio, pos)
         folio.data[off:off + stop - pos] = data[done:done + stop - pos]
         folio.flags |= PG.dirty
         done += stop - pos
