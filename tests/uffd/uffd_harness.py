@@ -123,6 +123,10 @@ class FaultHandler:
         self.src = self.proc.mmap(0, area.page_size, PROT_READ | PROT_WRITE,
                                   MAP_PRIVATE | MAP_ANONYMOUS)
         self.thread = threading.Thread(target=self._run, name="uffd-handler", daemon=True)
+        # ranges unregistered on a REMOVE event: a fault read in the same read() as the
+        # event (it came in after the event was dequeued) is woken by the unregister and
+        # retries unregistered, so its COPY finds no registered VMA (ENOENT), as on Linux
+        self.removed: list[tuple[int, int]] = []
 
     def __enter__(self) -> FaultHandler:
         self.thread.start()
@@ -168,6 +172,7 @@ class FaultHandler:
                 area.dst = msg.to
             elif isinstance(msg, uapi.RemoveMsg):
                 self.uffd.unregister(msg.start, msg.end - msg.start)
+                self.removed.append((msg.start, msg.end))
             return
         page = msg.address & ~(area.page_size - 1)
         if msg.flags & uapi.UFFD_PAGEFAULT_FLAG_WP:
@@ -199,6 +204,9 @@ class FaultHandler:
         try:
             self.uffd.copy(page, src, area.page_size, mode)
         except OSError as e:
+            if e.errno == errno.ENOENT and any(s <= page < e_ for s, e_ in self.removed):
+                self.counters.missing -= 1  # not resolved here: it retries unregistered
+                return
             if e.errno != errno.EEXIST:
                 raise
             self.uffd.wake(page, area.page_size)

@@ -198,6 +198,39 @@ class PhysMem:
             self.runtime.charge("page_alloc", n)
         return folio
 
+    def alloc_folios_bulk(self, datas: list[bytearray], flags: int, mapping: Any, index: int,
+                          mapcount: int) -> list[Folio]:
+        """Order-0 folios holding ``datas``, at consecutive ``index`` values (``alloc_pages_bulk``).
+
+        Each folio gets refcount 1 and the given ``flags``, ``mapping`` and
+        ``mapcount`` (the caller maps them at once). The frames come from
+        the free list first, in the order single allocations would take
+        them. The caller checks the memory limit beforehand: this never
+        reclaims and never fails.
+        """
+        n = len(datas)
+        mem_map = self.mem_map
+        pfns: list[int] = []
+        free = self._free.get(0)
+        if free:
+            pfns = free[-n:]
+            del free[-n:]
+            pfns.reverse()  # what n successive pops would give
+        need = n - len(pfns)
+        if need:
+            base = len(mem_map)
+            mem_map.extend([None] * need)
+            pfns.extend(range(base, base + need))
+        folios = [Folio(pfn, 0, data, flags, 1, mapcount, 0, mapping, index + i)
+                  for i, (pfn, data) in enumerate(zip(pfns, datas, strict=True))]
+        for f in folios:
+            mem_map[f.pfn] = f
+        self.pages_in_use += n
+        self.nr_folios += n
+        if self.runtime is not None:
+            self.runtime.charge("page_alloc", n)
+        return folios
+
     def _try_to_free_pages(self, nr_pages: int) -> None:
         """The default reclaim hook: swap out or discard ``nr_pages`` frames if possible."""
         from vmemu.mmu.vmscan import try_to_free_pages

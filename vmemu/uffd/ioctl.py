@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmemu.errors import errno_error
-from vmemu.mmu.vma import VM_HUGETLB
 from vmemu.uffd import uapi
 from vmemu.uffd.ctx import UffdState
 from vmemu.uffd.mfill import MfillError, MfillMode, mfill_atomic
@@ -54,9 +53,21 @@ def _finish(ctx: Userfaultfd, arg: Any, field: str, start: int, length: int, don
         _fail(e.errno, arg)
     setattr(arg, field, done)
     if not dontwake:
-        ctx.wake_range(start, done)
+        wake_userfault(ctx, start, done)
     if done != length:
         _fail(errno.EAGAIN, arg)
+
+
+def wake_userfault(ctx: Userfaultfd, start: int, length: int) -> None:
+    """Wake faults in the range, if any task waits at all (``wake_userfault``).
+
+    As the kernel tests ``waitqueue_active`` on both fault queues before
+    taking the lock: a fault queued after this test re-checks its page
+    table entry before sleeping (``userfaultfd_must_wait``), and the entry
+    the ioctl just installed is already there.
+    """
+    if ctx.fault_pending or ctx.fault_read:
+        ctx.wake_range(start, length)
 
 
 def _changing(ctx: Userfaultfd, arg: Any, field: str) -> bool:
@@ -68,15 +79,8 @@ def _changing(ctx: Userfaultfd, arg: Any, field: str) -> bool:
 
 def _mfill(ctx: Userfaultfd, dst: int, src: int, length: int, mode: MfillMode,
            wp: bool) -> Callable[[], int]:
-    """The operation for ``mfill_atomic``, routed to hugetlb when the destination is."""
-    def run() -> int:
-        vma = ctx.mm.vmas.vma_lookup(dst)
-        if vma is not None and vma.vm_flags & VM_HUGETLB:
-            if mode is MfillMode.ZEROPAGE:
-                raise MfillError(errno.EINVAL)  # there is no huge zero page to map
-            return int(ctx.kernel.mfill_atomic_hugetlb(ctx, vma, dst, src, length, mode, wp))
-        return mfill_atomic(ctx, dst, src, length, mode, wp)
-    return run
+    """The operation: ``mfill_atomic`` (which routes a hugetlb destination itself)."""
+    return lambda: mfill_atomic(ctx, dst, src, length, mode, wp)
 
 
 def _validate(arg: Any, start: int, length: int) -> None:
@@ -172,7 +176,7 @@ def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect) -> None
     except OSError as e:
         _fail(e.errno or errno.EINVAL, arg)
     if not wp and not dontwake:
-        ctx.wake_range(r.start, r.len)
+        wake_userfault(ctx, r.start, r.len)
 
 
 def dispatch(ctx: Userfaultfd, cmd: int, arg: Any, caller_mm: Any) -> Any:

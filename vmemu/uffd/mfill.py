@@ -12,6 +12,15 @@ COPY reads its source *before* looking at the destination, like the
 kernel's ``copy_from_user`` into a fresh folio: a source that is itself a
 registered missing page takes a userfault (the ioctl sleeps), a source in a
 hole is EFAULT.
+
+Ranges are filled a PTE table at a time where nothing unusual happens
+(``_mfill_run``): the entries of one table are checked with a slice, the
+new folios come from one bulk allocation, and the PTEs go in with one slice
+assignment and one TLB flush - what the kernel's loop does page by page,
+with the same result. The first page the run cannot do (an occupied entry,
+a source that is not mapped, a page not in the page cache, the memory
+limit) goes through the page-by-page path, which raises the kernel's errno
+for it, so partial progress and errors are exactly those of the page loop.
 """
 
 from __future__ import annotations
@@ -197,26 +206,180 @@ def copy_from_user_nofault(mm: Any, src: int) -> Any:
     return buf
 
 
+def _run_table(mm: Any, addr: int, npages: int) -> tuple[list[int] | None, int, int]:
+    """The PTE table under ``addr`` and the index range ``[lo, hi)`` a run may fill.
+
+    Allocates missing tables, as ``mm_alloc_pmd`` + ``pte_alloc`` do; gives
+    ``(None, 0, 0)`` under a huge or non-present PMD leaf, which the page
+    path turns into EEXIST.
+    """
+    pgtables = mm.pgtables
+    pmd = pgtables.pmd_table(addr, True)
+    me = pmd[(addr >> 21) & 511]
+    if me and (me & _PAGE_PSE or not me & _PAGE_PRESENT):
+        return None, 0, 0
+    table = pgtables.pte_table(addr, True)
+    if table is None:
+        return None, 0, 0
+    lo = (addr >> PAGE_SHIFT) & 511
+    return table, lo, min(512, lo + npages)
+
+
+def _none_prefix(table: list[int], lo: int, hi: int, markers_ok: bool) -> int:
+    """How many entries from ``lo`` are empty: ``pte_none`` (or ``pte_none_mostly``)."""
+    if not any(table[lo:hi]):
+        return hi - lo
+    for i in range(lo, hi):
+        cur = table[i]
+        if cur and not (markers_ok and is_pte_marker(cur)):
+            return i - lo
+    return hi - lo
+
+
+def _install_prot(vma: Vma, in_cache: bool, wp: bool) -> int:
+    """The PTE bits ``mfill_atomic_install_pte`` gives a new page, without its pfn."""
+    pte = vm_get_page_prot(vma.vm_flags) | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
+    writable = bool(vma.vm_flags & VM_WRITE)
+    if in_cache and not vma.vm_flags & VM_SHARED:
+        writable = False
+    pte = pte | _PAGE_RW if writable else pte & ~_PAGE_RW
+    if wp:
+        pte = (pte | _PAGE_UFFD_WP) & ~_PAGE_RW
+    return pte
+
+
+def _zeropage_run(mm: Any, vma: Vma, table: list[int], lo: int, hi: int) -> int:
+    """Map the zero page into the empty entries ``[lo, ...)`` (``mfill_atomic_pte_zeropage``)."""
+    n = _none_prefix(table, lo, hi, False)
+    if n:
+        pte = (mm.phys.zero_pfn << PAGE_SHIFT) | vm_get_page_prot(vma.vm_flags) | _PAGE_SPECIAL
+        table[lo:lo + n] = [pte] * n
+    return n
+
+
+def _continue_run(mm: Any, vma: Vma, addr: int, table: list[int], lo: int, hi: int,
+                  wp: bool) -> int:
+    """Map page-cache pages into ``[lo, ...)`` (``mfill_atomic_pte_continue``)."""
+    inode = vma.vm_file
+    pages = inode.pages
+    index = vma.linear_page_index(addr)
+    limit = inode.nr_pages_size
+    prot = _install_prot(vma, True, wp)
+    hwpoison = PG.hwpoison
+    i = lo
+    while i < hi:
+        cur = table[i]
+        if cur and not is_pte_marker(cur):
+            break
+        if index >= limit:
+            break
+        folio = pages.get(index)
+        if folio is None or folio.flags & hwpoison or folio.order:
+            break
+        folio.mapcount += 1
+        folio.refcount += 1
+        table[i] = (folio.pfn << PAGE_SHIFT) | prot
+        i += 1
+        index += 1
+    n = i - lo
+    if n:
+        mm.tlb.flush_range(addr, addr + (n << PAGE_SHIFT))
+    return n
+
+
+def _copy_run(mm: Any, vma: Vma, addr: int, src: int, table: list[int], lo: int,
+              hi: int, wp: bool) -> int:
+    """Copy mapped source pages into new anonymous folios at ``[lo, ...)`` (``mfill_atomic_pte_copy``).
+
+    The sources are read first, each with faults disabled
+    (:func:`copy_from_user_nofault`); the run stops before the first source
+    that is not mapped, the first destination that is not empty, or when
+    the memory limit would refuse the folios.
+    """
+    if src & (PAGE_SIZE - 1):
+        return 0
+    bufs = []
+    tlb_r = mm.tlb.r
+    vpn = src >> PAGE_SHIFT
+    for i in range(hi - lo):
+        buf = tlb_r.get(vpn + i)
+        if buf is None:
+            buf = copy_from_user_nofault(mm, src + (i << PAGE_SHIFT))
+            if buf is None:
+                break
+        bufs.append(buf)
+    n = _none_prefix(table, lo, lo + len(bufs), True)
+    if not n:
+        return 0
+    phys = mm.phys
+    if phys.limit_pages is not None and phys.pages_in_use + n > phys.limit_pages:
+        return 0  # let the page path reclaim or fail, one folio at a time
+    folios = phys.alloc_folios_bulk([bytearray(b) for b in bufs[:n]], _NEW_ANON_FOLIO_FLAGS,
+                                    anon_vma_prepare(vma), vma.linear_page_index(addr), 1)
+    prot = _install_prot(vma, False, wp)
+    table[lo:lo + n] = [(f.pfn << PAGE_SHIFT) | prot for f in folios]
+    mm.tlb.flush_range(addr, addr + (n << PAGE_SHIFT))
+    return n
+
+
+def _mfill_run(ctx: Userfaultfd, vma: Vma, dst: int, src: int, length: int,
+               mode: MfillMode, wp: bool) -> int:
+    """Fill as many pages as one PTE table allows in one go; returns the bytes done (maybe 0).
+
+    Covers the common cases - COPY and ZEROPAGE into private memory,
+    CONTINUE - and leaves the rest (shared shmem COPY/ZEROPAGE, POISON)
+    and every page that would fail to :func:`mfill_pte`.
+    """
+    mm = ctx.mm
+    inode = vma.vm_file
+    if mode is MfillMode.POISON or (mode is not MfillMode.CONTINUE and inode is not None and
+                                    vma.vm_flags & VM_SHARED):
+        return 0
+    table, lo, hi = _run_table(mm, dst, length >> PAGE_SHIFT)
+    if table is None:
+        return 0
+    if mode is MfillMode.ZEROPAGE:
+        n = _zeropage_run(mm, vma, table, lo, hi)
+    elif mode is MfillMode.CONTINUE:
+        n = _continue_run(mm, vma, dst, table, lo, hi, wp)
+    else:
+        n = _copy_run(mm, vma, dst, src, table, lo, hi, wp)
+    return n << PAGE_SHIFT
+
+
 def mfill_atomic(ctx: Userfaultfd, dst: int, src: int, length: int, mode: MfillMode,
                  wp: bool) -> int:
     """Fill ``[dst, dst+len)``; returns bytes done or raises ``MfillError`` (``mfill_atomic``).
 
-    The destination VMA is checked first, then (for COPY) the source page is
-    read. When the source is mapped it is copied with the mm lock held and
-    the page installed at once; otherwise, as the kernel's ``-ENOENT``
-    retry does, the lock is dropped, the source read with faults enabled,
-    the VMA looked up again - it may have changed while a source userfault
-    slept - and the page installed.
+    A hugetlb destination goes to ``mfill_atomic_hugetlb`` (ZEROPAGE there
+    is EINVAL: there is no huge zero page). Otherwise the destination VMA
+    is checked, and pages are filled a run at a time (:func:`_mfill_run`)
+    with the mm lock held. A page the run cannot do goes alone: for COPY,
+    the source page is read - copied with the lock held when it is mapped,
+    else, as the kernel's ``-ENOENT`` retry does, with the lock dropped and
+    faults enabled, after which the VMA is looked up again (it may have
+    changed while a source userfault slept) - and the page installed or
+    its error raised.
     """
     mm = ctx.mm
     copy = mode is MfillMode.COPY
     done = 0
+    hugetlb = None
     while done < length:
         addr = dst + done
         data = None
         try:
             with mm.lock:
-                vma = _dst_vma(ctx, dst, length, mode, wp)
+                vma = mm.vmas.vma_lookup(dst)
+                if not done and vma is not None and vma.vm_flags & VM_HUGETLB:
+                    hugetlb = vma
+                    break
+                _check_dst_vma(ctx, vma, dst, length, mode, wp)
+                assert vma is not None
+                n = _mfill_run(ctx, vma, addr, src + done, length - done, mode, wp)
+                if n:
+                    done += n
+                    continue
                 if copy:
                     data = copy_from_user_nofault(mm, src + done)
                 if not copy or data is not None:
@@ -235,13 +398,24 @@ def mfill_atomic(ctx: Userfaultfd, dst: int, src: int, length: int, mode: MfillM
                 return done
             raise
         done += PAGE_SIZE
+    if hugetlb is not None:
+        if mode is MfillMode.ZEROPAGE:
+            raise MfillError(errno.EINVAL)  # there is no huge zero page to map
+        return int(ctx.kernel.mfill_atomic_hugetlb(ctx, hugetlb, dst, src, length, mode, wp))
     return done
 
 
 def _dst_vma(ctx: Userfaultfd, dst: int, length: int, mode: MfillMode, wp: bool) -> Vma:
     """Find and check the destination VMA (``uffd_mfill_lock`` + the mfill_atomic checks)."""
-    mm = ctx.mm
-    vma = mm.vmas.vma_lookup(dst)
+    vma = ctx.mm.vmas.vma_lookup(dst)
+    _check_dst_vma(ctx, vma, dst, length, mode, wp)
+    assert vma is not None
+    return vma
+
+
+def _check_dst_vma(ctx: Userfaultfd, vma: Vma | None, dst: int, length: int, mode: MfillMode,
+                   wp: bool) -> None:
+    """The mfill_atomic checks of the destination VMA: ENOENT, EAGAIN, EINVAL."""
     if vma is None or dst + length > vma.vm_end or vma.vm_userfaultfd_ctx is None:
         raise MfillError(errno.ENOENT)
     if ctx.mmap_changing:
@@ -252,4 +426,3 @@ def _dst_vma(ctx: Userfaultfd, dst: int, length: int, mode: MfillMode, wp: bool)
         raise MfillError(errno.EINVAL)  # handled by mfill_atomic_hugetlb before we get here
     if mode is MfillMode.CONTINUE and vma.vm_file is None:
         raise MfillError(errno.EINVAL)
-    return vma

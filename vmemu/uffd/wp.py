@@ -17,13 +17,14 @@ import attrs
 
 from vmemu.constants import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
 from vmemu.errors import raise_errno
-from vmemu.mmu.folio import PG
+from vmemu.mmu.folio import PG, Folio
 from vmemu.mmu.memory import vm_get_page_prot
 from vmemu.mmu.pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_PRESENT,
     _PAGE_PROTNONE,
+    _PAGE_PSE,
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
     _PAGE_SPECIAL,
@@ -78,47 +79,109 @@ def hugetlb_uffd_wp_range(mm: Any, vma: Vma, start: int, end: int, enable: bool)
     mm.tlb.flush_range(start, end)
 
 
+# folio.flags may be a PG (an IntFlag, whose ``&`` is a Python call): test bits by shifting
+_ANON_EXCLUSIVE_SHIFT = PG.anon_exclusive.bit_length() - 1
+_PRESENT_OR_PROTNONE = _PAGE_PRESENT | _PAGE_PROTNONE
+
+
+def _wp_entries(table: list[int], lo: int, hi: int, enable: bool, markers: bool, prot: int,
+                try_writable: bool, mem_map: list[Any]) -> None:
+    """Set or clear uffd-wp on ``table[lo:hi]`` (``change_pte_range`` with MM_CP_UFFD_WP[_RESOLVE]).
+
+    Protecting: present entries get the uffd-wp bit and lose RW, swap
+    entries get ``_PAGE_SWP_UFFD_WP``, empty ones a marker when ``markers``.
+    Un-protecting: protected present entries get the VMA's protection back,
+    writable again when the VMA is private and writable and the page is an
+    exclusive anonymous one (``can_change_pte_writable``); swap entries lose
+    the bit, uffd-wp markers are cleared. The protect side is one list
+    comprehension over the slice: most entries are present.
+    """
+    if enable:
+        nrw = ~_PAGE_RW
+        marker = UFFD_WP_MARKER if markers else 0
+        table[lo:hi] = [((p | _PAGE_UFFD_WP) & nrw) if p & _PRESENT_OR_PROTNONE else
+                        (p if is_pte_marker(p) else p | _PAGE_SWP_UFFD_WP) if p else marker
+                        for p in table[lo:hi]]
+        return
+    shift = _ANON_EXCLUSIVE_SHIFT
+    for idx in range(lo, hi):
+        pte = table[idx]
+        if not pte:
+            continue
+        if pte & _PRESENT_OR_PROTNONE:
+            if pte & _PAGE_UFFD_WP:
+                new = (pte & _KEEP) | prot
+                if try_writable and not new & (_PAGE_SPECIAL | _PAGE_RW) and \
+                        mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT].flags >> shift & 1:
+                    new |= _PAGE_RW
+                table[idx] = new
+        elif is_pte_marker(pte):
+            if is_uffd_wp_marker(pte):
+                table[idx] = 0
+        else:
+            table[idx] = pte & ~_PAGE_SWP_UFFD_WP
+
+
+def _wp_one_table(mm: Any, vma: Vma, start: int, end: int, enable: bool,
+                  use_markers: bool) -> bool:
+    """``uffd_wp_range`` inside one PMD, when no huge page is involved; False to take the long way.
+
+    The long way splits huge PMDs and large folios the range covers only
+    partly: here the PMD entry must be a PTE table (or nothing) and the
+    pages at both ends must be small.
+    """
+    pgtables = mm.pgtables
+    markers = enable and use_markers
+    pmd = pgtables.pmd_table(start, markers)
+    if pmd is None:
+        mm.tlb.flush_range(start, end)
+        return True
+    me = pmd[(start >> 21) & 511]
+    if me and (me & _PAGE_PSE or not me & _PAGE_PRESENT):
+        return False
+    mem_map = mm.phys.mem_map
+    lo = (start >> PAGE_SHIFT) & 511
+    hi = ((end - 1) >> PAGE_SHIFT & 511) + 1
+    if me:
+        table = mem_map[(me & PTE_PFN_MASK) >> PAGE_SHIFT]
+        for i in (lo, hi - 1):  # what split_huge_range looks at
+            pte = table[i]
+            if pte & _PRESENT_OR_PROTNONE and not pte & _PAGE_SPECIAL:
+                folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
+                if not isinstance(folio, Folio) or folio.order:
+                    return False
+    elif markers:
+        table = pgtables.pte_table(start, True)
+    else:
+        mm.tlb.flush_range(start, end)
+        return True
+    try_writable = bool(vma.vm_flags & VM_WRITE) and not vma.vm_flags & VM_SHARED
+    _wp_entries(table, lo, hi, enable, markers, vm_get_page_prot(vma.vm_flags), try_writable,
+                mem_map)
+    mm.tlb.flush_range(start, end)
+    return True
+
+
 def uffd_wp_range(mm: Any, vma: Vma, start: int, end: int, enable: bool,
                   use_markers: bool) -> None:
     """Set or clear uffd-wp on ``[start, end)`` of ``vma`` (``uffd_wp_range``)."""
     if vma.vm_flags & VM_HUGETLB:
         hugetlb_uffd_wp_range(mm, vma, start, end, enable)
         return
+    if (start ^ (end - 1)) < PMD_SIZE and _wp_one_table(mm, vma, start, end, enable, use_markers):
+        return
     mm.split_huge_range(vma, start, end)
-    if enable and use_markers:
+    markers = enable and use_markers
+    if markers:
         addr = start
         while addr < end:  # markers need tables to exist where nothing was ever mapped
-            table = mm.pgtables.pte_table(addr, True)
-            if table is not None:
-                for a in range(addr, min(end, (addr | ((1 << 21) - 1)) + 1), PAGE_SIZE):
-                    if table[(a >> PAGE_SHIFT) & 511] == 0:
-                        table[(a >> PAGE_SHIFT) & 511] = UFFD_WP_MARKER
-            addr = (addr | ((1 << 21) - 1)) + 1
+            mm.pgtables.pte_table(addr, True)
+            addr = (addr | (PMD_SIZE - 1)) + 1
     prot = vm_get_page_prot(vma.vm_flags)
     try_writable = bool(vma.vm_flags & VM_WRITE) and not vma.vm_flags & VM_SHARED
     mem_map = mm.phys.mem_map
     for _addr, table, lo, hi in mm.pgtables.iter_pte_tables(start, end):
-        for idx in range(lo, hi):
-            pte = table[idx]
-            if not pte:
-                continue
-            if pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
-                if enable:
-                    table[idx] = (pte | _PAGE_UFFD_WP) & ~_PAGE_RW
-                elif pte & _PAGE_UFFD_WP:
-                    new = (pte & _KEEP) | prot
-                    if try_writable and not new & (_PAGE_SPECIAL | _PAGE_RW):
-                        folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
-                        if folio.flags & PG.anon_exclusive:
-                            new |= _PAGE_RW
-                    table[idx] = new
-            elif is_pte_marker(pte):
-                if not enable and is_uffd_wp_marker(pte):
-                    table[idx] = 0
-            elif enable:
-                table[idx] = pte | _PAGE_SWP_UFFD_WP
-            else:
-                table[idx] = pte & ~_PAGE_SWP_UFFD_WP
+        _wp_entries(table, lo, hi, enable, markers, prot, try_writable, mem_map)
     mm.tlb.flush_range(start, end)
 
 
