@@ -11,9 +11,11 @@ from vmemu import (
     MADV_DONTFORK,
     MADV_DONTNEED,
     MADV_KEEPONFORK,
+    MADV_MERGEABLE,
     MADV_NORMAL,
     MADV_RANDOM,
     MADV_SEQUENTIAL,
+    MADV_UNMERGEABLE,
     MADV_WILLNEED,
     MADV_WIPEONFORK,
     MAP_ANONYMOUS,
@@ -23,7 +25,7 @@ from vmemu import (
     PROT_WRITE,
     Process,
 )
-from vmemu.mmu.vma import VM_DONTCOPY, VM_RAND_READ, VM_SEQ_READ, VM_WIPEONFORK
+from vmemu.mmu.vma import VM_DONTCOPY, VM_MERGEABLE, VM_RAND_READ, VM_SEQ_READ, VM_WIPEONFORK
 
 P = PAGE_SIZE
 RW = PROT_READ | PROT_WRITE
@@ -126,3 +128,17 @@ def test_unaligned_and_wrapping_are_einval(p):
 
 def test_zero_length_is_a_no_op(p):
     p.madvise(0x1000_0000, 0, MADV_DONTNEED)
+
+
+def test_ksm_advice_sets_mergeable_on_private_vmas_only(p):
+    """As on 6.18 (tests/differential/test_kernel_madvise_matrix.py): never an error."""
+    a = p.mmap(0, 3 * P)
+    s = p.mmap(0, P, RW, MAP_SHARED | MAP_ANONYMOUS)
+    p.madvise(a + P, P, MADV_MERGEABLE)
+    assert [bool(v.vm_flags & VM_MERGEABLE) for v in p.mm.vmas if v.vm_start < a + 3 * P
+            and v.vm_end > a] == [False, True, False]
+    assert " mg " in p.smaps()
+    p.madvise(s, P, MADV_MERGEABLE)  # shared: ignored
+    assert not p.mm.vmas.vma_lookup(s).vm_flags & VM_MERGEABLE
+    p.madvise(a, 3 * P, MADV_UNMERGEABLE)
+    assert not any(v.vm_flags & VM_MERGEABLE for v in p.mm.vmas)

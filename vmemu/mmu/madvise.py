@@ -25,6 +25,7 @@ from vmemu.constants import (
     MADV_HUGEPAGE,
     MADV_HWPOISON,
     MADV_KEEPONFORK,
+    MADV_MERGEABLE,
     MADV_NOHUGEPAGE,
     MADV_NORMAL,
     MADV_PAGEOUT,
@@ -33,6 +34,7 @@ from vmemu.constants import (
     MADV_RANDOM,
     MADV_REMOVE,
     MADV_SEQUENTIAL,
+    MADV_UNMERGEABLE,
     MADV_WILLNEED,
     MADV_WIPEONFORK,
     PAGE_SHIFT,
@@ -46,11 +48,16 @@ from vmemu.mmu.swap_state import madvise_willneed
 from vmemu.mmu.vma import (
     VM_DONTCOPY,
     VM_DONTDUMP,
+    VM_DONTEXPAND,
+    VM_DROPPABLE,
     VM_HUGEPAGE,
     VM_HUGETLB,
     VM_IO,
     VM_LOCKED,
+    VM_MAYSHARE,
     VM_MAYWRITE,
+    VM_MERGEABLE,
+    VM_MIXEDMAP,
     VM_NOHUGEPAGE,
     VM_PFNMAP,
     VM_RAND_READ,
@@ -98,6 +105,33 @@ def _flag_advice(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> N
     new = (vma.vm_flags | set_) & ~clear
     if new == vma.vm_flags:
         return
+
+    def change(v: Vma) -> None:
+        v.vm_flags = new
+
+    vma_modify(mm, vma, start, end, change)
+
+
+_KSM_INCOMPATIBLE = VM_SHARED | VM_MAYSHARE | VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_HUGETLB | \
+    VM_MIXEDMAP | VM_DROPPABLE
+
+
+def _ksm_advice(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
+    """MADV_MERGEABLE / MADV_UNMERGEABLE: set or clear VM_MERGEABLE (``ksm_madvise``).
+
+    A VMA KSM cannot work on (shared, special, hugetlb: ``vma_ksm_compatible``)
+    ignores MADV_MERGEABLE without an error. vmemu has no ksmd, so no page is
+    ever merged (as with ``/sys/kernel/mm/ksm/run`` at its default 0) and
+    unmerging has nothing to break.
+    """
+    if advice == MADV_MERGEABLE:
+        if vma.vm_flags & (VM_MERGEABLE | _KSM_INCOMPATIBLE):
+            return
+        new = vma.vm_flags | VM_MERGEABLE
+    else:
+        if not vma.vm_flags & VM_MERGEABLE:
+            return
+        new = vma.vm_flags & ~VM_MERGEABLE
 
     def change(v: Vma) -> None:
         v.vm_flags = new
@@ -214,6 +248,8 @@ def do_madvise(mm: MmStruct, start: int, len_in: int, advice: int) -> None:
         MADV_PAGEOUT: madvise_pageout,
         MADV_WILLNEED: madvise_willneed,
         MADV_COLLAPSE: _collapse,
+        MADV_MERGEABLE: _ksm_advice,
+        MADV_UNMERGEABLE: _ksm_advice,
     }
     handlers.update(mm.extra_madvise)
     if advice not in handlers and advice not in _POPULATE and advice != MADV_HWPOISON:
