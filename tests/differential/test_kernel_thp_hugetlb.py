@@ -20,6 +20,7 @@ from vmemu.constants import (
     MAP_FIXED,
     MAP_HUGETLB,
     MAP_PRIVATE,
+    MAP_SHARED,
     PAGE_SIZE,
     PMD_SIZE,
     PROT_READ,
@@ -142,3 +143,59 @@ def test_skips_leave_host_settings_alone() -> None:
     Kernel().set_nr_hugepages(8)
     after = open("/proc/sys/vm/nr_hugepages").read() if before else ""
     assert before == after
+
+
+def _host_fork_view(a: int, child_write: bytes) -> tuple[bytes, bytes]:
+    """Fork; the child writes at ``a`` and sends back what it reads at ``a`` and ``a + H - 8``."""
+    from vmemu.native import libc
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 0
+        try:
+            os.close(r)
+            libc.poke_memory(a, child_write)
+            os.write(w, libc.peek_memory(a, 8) + libc.peek_memory(a + H - 8, 8))
+        except BaseException:  # noqa: BLE001 - reported through the exit status
+            code = 1
+        os._exit(code)
+    os.close(w)
+    data = os.read(r, 16)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return data[:8], data[8:]
+
+
+@pytest.mark.skipif(_host_free_hugepages() < 4, reason="host hugetlb pool has < 4 free pages")
+@pytest.mark.parametrize("flags", [HPRIV, MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB],
+                         ids=["private", "shared"])
+def test_hugetlb_fork_cow_matches_the_kernel(flags: int) -> None:
+    """Private hugetlb: the child's write copies the huge page (the parent keeps its bytes);
+    shared hugetlb: the parent sees it."""
+    from vmemu.native import libc
+
+    k = Kernel()
+    k.set_nr_hugepages(4)
+    p = k.spawn()
+    a_host = libc.mmap(0, H, RW, flags)
+    a_emu = p.mmap(0, H, RW, flags)
+    try:
+        for poke, a in ((libc.poke_memory, a_host), (p.write, a_emu)):
+            poke(a, b"parent!!")
+            poke(a + H - 8, b"the end.")
+        host_child = _host_fork_view(a_host, b"child!!!")
+        c = p.fork()
+        c.write(a_emu, b"child!!!")
+        emu_child = (c.read(a_emu, 8), c.read(a_emu + H - 8, 8))
+        k.check()
+        c.exit()
+        assert emu_child == host_child
+        host_parent = (libc.peek_memory(a_host, 8), libc.peek_memory(a_host + H - 8, 8))
+        emu_parent = (p.read(a_emu, 8), p.read(a_emu + H - 8, 8))
+        assert emu_parent == host_parent
+        assert host_parent[0] == (b"parent!!" if flags == HPRIV else b"child!!!")
+        k.check()
+    finally:
+        libc.munmap(a_host, H)

@@ -202,3 +202,37 @@ def test_thp_advice_matches_the_kernel(name: str, one_cpu) -> None:
                 assert (ed[n] > 0) == (kd[n] > 0) or kd[n] > 1, (n, kd, ed)
     finally:
         host.close()
+
+
+@pytest.mark.skipif(_host_thp_policy() == "never", reason="host THP policy is 'never'")
+@pytest.mark.parametrize("shift", [0, P], ids=["aligned", "unaligned"])
+def test_thp_mremap_then_pageout_matches_the_kernel(shift: int, one_cpu) -> None:
+    """mremap moves a THP whole to an aligned place (move_huge_pmd) and splits the PMD
+    otherwise; the moved folio stays reachable through rmap, so PAGEOUT still splits it."""
+    from vmemu.constants import MREMAP_FIXED, MREMAP_MAYMOVE
+
+    host = Host()
+    try:
+        if host.view()[0] != 2048:
+            pytest.skip("the host had no free huge page to give (fragmented memory)")
+        emu = Emu()
+        dst_host = host.libc.mmap(0, 4 * H, RW, PRIV)
+        dst_emu = emu.p.mmap(0, 4 * H, RW, PRIV)
+        for side, dst in ((host, dst_host), (emu, dst_emu)):
+            to = ((dst + H - 1) & ~(H - 1)) + shift
+            if side is host:
+                side.a = host.libc.mremap(side.a, H, H, MREMAP_MAYMOVE | MREMAP_FIXED, to)
+            else:
+                side.a = emu.p.mremap(side.a, H, H, MREMAP_MAYMOVE | MREMAP_FIXED, to)
+        hv, ev = host.view(), emu.view()
+        assert ev == hv
+        assert hv[0] == (2048 if not shift else 0)
+        emu.p.check()
+        for op in (("madvise", 7, 3, MADV_PAGEOUT), ("madvise", 0, 512, MADV_PAGEOUT)):
+            getattr(host, op[0])(*op[1:])
+            getattr(emu, op[0])(*op[1:])
+            assert emu.view() == host.view(), op
+            emu.p.check()
+        host.libc.munmap(dst_host, 4 * H)
+    finally:
+        host.close()

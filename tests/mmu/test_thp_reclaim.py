@@ -229,3 +229,15 @@ def test_memory_pressure_discards_a_lazyfree_thp_without_swap() -> None:
     assert huge(p, b) and p.read(a, P) == bytes(P)
     assert k.swap_statistics().pglazyfreed == 512
     p.check()
+
+
+def test_memory_pressure_never_takes_a_locked_thp() -> None:
+    k, p, a = setup(thps=1, limit=700)
+    p.mlock(a, H)
+    b = p.mmap(0, H)
+    p.madvise(b, H, MADV_HUGEPAGE)
+    p.write(b, b"second")  # no room for a THP: falls back to a 4 KiB page
+    assert huge(p, a) and not huge(p, b) and k.phys.vmstat["thp_fault_fallback"] == 1
+    assert k.swap_statistics().pswpout == 0 and k.phys.vmstat["thp_split_page"] == 0
+    assert p.read(b, 6) == b"second" and contents_ok(p, a, 8)
+    p.check()

@@ -233,6 +233,12 @@ def _collapse(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None
     """MADV_COLLAPSE: see :func:`vmemu.mmu.huge_memory.madvise_collapse`."""
     from vmemu.mmu.huge_memory import madvise_collapse
 
+    if vma.vm_file is not None and not vma.vm_flags & VM_HUGETLB and \
+            getattr(vma.vm_file, "i_mmap", None) is not None:
+        # Linux 6.18 collapses shmem too (collapse_file: a PMD-mapped shmem THP,
+        # smaps ShmemPmdMapped) even with shmem_enabled=never; vmemu's page cache
+        # holds only 4 KiB folios
+        raise_errno(errno.EINVAL, "MADV_COLLAPSE of shmem is not emulated (no shmem THPs)")
     madvise_collapse(mm, vma, start, end)
 
 
