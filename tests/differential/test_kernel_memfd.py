@@ -21,18 +21,25 @@ import pytest
 
 from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON
 from vmemu import (
+    MADV_COLD,
     MADV_DONTNEED,
     MADV_FREE,
+    MADV_PAGEOUT,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
     MADV_REMOVE,
+    MADV_WILLNEED,
+    MAP_ANONYMOUS,
     MAP_PRIVATE,
     MAP_SHARED,
     PAGE_SIZE,
+    PROT_NONE,
     PROT_READ,
     PROT_WRITE,
     Kernel,
     Signal,
 )
-from vmemu.constants import PMD_SIZE
+from vmemu.constants import MREMAP_FIXED, MREMAP_MAYMOVE, PMD_SIZE
 from vmemu.mmu.memfd import (
     F_ADD_SEALS,
     F_GET_SEALS,
@@ -66,6 +73,7 @@ class Side:
         self.log: list[tuple[str, Any]] = []
         self.maps: list[tuple[int, int]] = []  # (addr, length) by index
         self.fds: list[int] = []
+        self.reserved: list[tuple[int, int]] = []
 
     def do(self, name: str, *args: Any) -> Any:
         try:
@@ -86,6 +94,13 @@ class Side:
     def unmap(self, m: int) -> None:
         addr, length = self.maps[m]
         self._munmap(addr, length)
+
+    def move(self, m: int, span: int, shift: int) -> None:
+        """mremap mapping ``m`` to ``shift`` past a 2 MiB boundary inside a fresh ``span``."""
+        addr, length = self.maps[m]
+        dst = self._reserve(span)
+        to = ((dst + H - 1) & ~(H - 1)) + shift
+        self.maps[m] = (self._mremap(addr, length, to), length)
 
     def get_seals(self, fd: int) -> int:
         return self._fcntl(fd, F_GET_SEALS, 0)
@@ -133,6 +148,14 @@ class Host(Side):
     def _munmap(self, addr: int, length: int) -> None:
         self.libc.munmap(addr, length)
 
+    def _reserve(self, span: int) -> int:
+        a = self.libc.mmap(0, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+        self.reserved.append((a, span))
+        return a
+
+    def _mremap(self, addr: int, length: int, to: int) -> int:
+        return self.libc.mremap(addr, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, to)
+
     def madvise(self, m: int, off: int, n: int, advice: int) -> None:
         self.libc.madvise(self.at(m, off), n, advice)
 
@@ -151,7 +174,7 @@ class Host(Side):
         return r.data
 
     def close(self) -> None:
-        for addr, length in self.maps:
+        for addr, length in self.maps + self.reserved:
             try:
                 self.libc.munmap(addr, length)
             except OSError:
@@ -195,6 +218,12 @@ class Emu(Side):
 
     def _munmap(self, addr: int, length: int) -> None:
         self.p.munmap(addr, length)
+
+    def _reserve(self, span: int) -> int:
+        return self.p.mmap(0, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+
+    def _mremap(self, addr: int, length: int, to: int) -> int:
+        return self.p.mremap(addr, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, to)
 
     def madvise(self, m: int, off: int, n: int, advice: int) -> None:
         self.p.madvise(self.at(m, off), n, advice)
@@ -320,6 +349,32 @@ def aliasing_and_eof(s: Side) -> None:
     s.do("madvise", m1, 0, P, MADV_FREE)  # shared: EINVAL
     s.do("fallocate", f, PUNCH, 90, 20)
     s.do("touch", m2, 88, 24)
+    for advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_WILLNEED, MADV_COLD,
+                   MADV_PAGEOUT):
+        s.do("madvise", m1, 0, 4 * P, advice)  # the 4th page is past EOF
+        s.do("madvise", m3, 0, 3 * P, advice)
+        s.do("touch", m1, 88, 24)
+        s.do("touch", m3, 55, 10)
+    s.do("pread", f, 3 * P, 0)
+
+
+def mremap_shmem(s: Side) -> None:
+    """A 4 MiB shared mapping moved to a 2 MiB-aligned place (whole PTE tables move) stays
+    an alias of the file and of a second mapping."""
+    f = s.do("memfd", "move", 0)
+    s.do("ftruncate", f, 2 * H)
+    m = s.do("map", 2 * H, RW, MAP_SHARED, f)
+    other = s.do("map", 2 * H, RW, MAP_SHARED, f)
+    for off in (0, H - 5, H + 3 * P, 2 * H - 16):
+        s.do("touch", m, off, b"before move")
+    s.do("move", m, 6 * H, 0)
+    s.do("move", other, 6 * H, P)  # unaligned: table by table is impossible, PTEs move
+    for off in (0, H - 5, H + 3 * P, 2 * H - 16):
+        s.do("touch", m, off, 11)
+        s.do("touch", other, off, 11)
+    s.do("touch", m, H + 3 * P, b"after")
+    s.do("touch", other, H + 3 * P, 11)
+    s.do("pread", f, 11, H + 3 * P)
 
 
 def seals(s: Side) -> None:
@@ -369,7 +424,8 @@ def seals(s: Side) -> None:
     s.do("add_seals", h, F_SEAL_SEAL)
 
 
-@pytest.mark.parametrize("scenario", [flags_and_seal_defaults, file_io, aliasing_and_eof, seals],
+@pytest.mark.parametrize("scenario", [flags_and_seal_defaults, file_io, aliasing_and_eof, seals,
+                                      mremap_shmem],
                          ids=lambda f: f.__name__)
 def test_memfd_matches_the_kernel(scenario) -> None:
     run(scenario)
