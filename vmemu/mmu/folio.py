@@ -185,8 +185,15 @@ class PhysMem:
             if self.pages_in_use + n > self.limit_pages:
                 self.oom_failures += 1
                 return None
-        pfn = self._take_pfns(order)
-        folio = Folio(pfn=pfn, order=order, data=bytearray(n * PAGE_SIZE), refcount=1)
+        free = self._free.get(order)
+        if free:
+            pfn = free.pop()
+        elif order:
+            pfn = self._take_pfns(order)
+        else:  # _take_pfns(0) without its free list: one frame at the end
+            pfn = len(self.mem_map)
+            self.mem_map.append(None)
+        folio = Folio(pfn, order, bytearray(n * PAGE_SIZE), 0, 1)
         if order:
             folio.flags = PG.large
             self.mem_map[pfn:pfn + n] = [folio] * n

@@ -48,7 +48,8 @@ from vmemu.mmu.vmaops import DEFAULT_MAX_MAP_COUNT
 # is a Python-level call, too slow for the fault path.
 _NEW_ANON_FOLIO_FLAGS = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
 _VM_FAULT_NONE = VmFault.NONE
-_VM_FAULT_ERROR = VmFault.error_mask()
+_VM_FAULT_RETRY = VmFault.RETRY
+_VM_FAULT_ERROR = int(VmFault.error_mask())
 
 # Where top-down mmap placement starts (mm->mmap_base), without ASLR.
 DEFAULT_MMAP_BASE = 0x7F0000000000
@@ -509,7 +510,9 @@ class MmStruct:
                                           bool(pte & _PAGE_RW and pte & _PAGE_DIRTY))
                             return buf
                 fault = self._do_user_addr_fault(addr, write, task)
-                if fault is not _VM_FAULT_NONE and fault & _VM_FAULT_ERROR:
+                # (IntFlag's & is a Python call: the common results are tested by identity)
+                if fault is not _VM_FAULT_NONE and fault is not _VM_FAULT_RETRY \
+                        and int(fault) & _VM_FAULT_ERROR:
                     raise fault_to_signal(fault, addr)
             raise AssertionError(f"fault at {addr:#x} retried {MAX_FAULT_RETRIES} times")
 

@@ -193,6 +193,11 @@ class VmaTree:
 
     def __init__(self) -> None:
         self._list: SortedKeyList = SortedKeyList(key=lambda v: v.vm_start)
+        # the VMA the last vma_lookup found (the old ``mm->vmacache``): faults and the
+        # ioctls that resolve them look up the same VMA again and again. Dropped by
+        # every insert and remove; a VMA's bounds only change while it is in the tree
+        # when nothing else covers the addresses it gains, so its own bounds suffice.
+        self._last: Vma | None = None
 
     def __len__(self) -> int:
         return len(self._list)
@@ -202,10 +207,12 @@ class VmaTree:
 
     def insert(self, vma: Vma) -> None:
         """Add a VMA (``vma_iter_store``); the caller guarantees no overlap."""
+        self._last = None
         self._list.add(vma)
 
     def remove(self, vma: Vma) -> None:
         """Remove a VMA from the tree (``vma_iter_clear``)."""
+        self._last = None
         self._list.remove(vma)
 
     def find_vma(self, addr: int) -> Vma | None:
@@ -221,11 +228,15 @@ class VmaTree:
 
     def vma_lookup(self, addr: int) -> Vma | None:
         """The VMA containing ``addr``, or None (``vma_lookup``)."""
+        v = self._last
+        if v is not None and v.vm_start <= addr < v.vm_end:
+            return v
         lst = self._list
         i = lst.bisect_key_right(addr) - 1
         if i >= 0:
             v = lst[i]
             if v.vm_end > addr:
+                self._last = v
                 return v
         return None
 

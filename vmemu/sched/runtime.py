@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from vmemu.sched.clock import NSEC_PER_SEC, CostModel, VirtualClock
+from vmemu.sched.clock import COST_NAMES, NSEC_PER_SEC, CostModel, VirtualClock
 from vmemu.sched.trace import Stamp, Tracer
 
 if TYPE_CHECKING:
@@ -163,6 +163,8 @@ class Runtime(ABC):
 
     #: a short name for the runtime kind ("threads", "inline", "sim")
     kind: str = "abstract"
+    #: whether charges move the clock (`_account`); real time passes by itself
+    _clock_moves: bool = True
 
     def __init__(
         self, *, cost: CostModel | None = None, tracer: Tracer | None = None,
@@ -177,6 +179,8 @@ class Runtime(ABC):
         self._failed: list[TaskHandle] = []
         self._charge_counts: Counter[str] = Counter()
         self._charge_ns: Counter[str] = Counter()
+        self._priced: CostModel | None = None
+        self._prices: dict[str, int | float] = {}
 
     # ---- tasks ---------------------------------------------------------------
 
@@ -336,11 +340,31 @@ class Runtime(ABC):
         `wakeup`, `spin`, `copy_byte`, `page_alloc`, `tlb_flush`,
         `tlb_shootdown_per_cpu`).  Never a scheduling point.
         """
-        ns = self.cost.of(cost_name, n)
+        cost = self.cost
+        if cost is not self._priced:
+            self._price(cost)
+        per = self._prices.get(cost_name)
+        if per is None or n < 0:  # an unknown name, a negative count, or a custom `of`
+            ns = cost.of(cost_name, n)
+        else:
+            ns = round(per * n)
         self._charge_counts[cost_name] += n  # type: ignore[assignment]
         self._charge_ns[cost_name] += ns
-        self._account(ns)
+        if self._clock_moves:
+            self._account(ns)
         return ns
+
+    def _price(self, cost: CostModel) -> None:
+        """Cache ``cost``'s per-unit figures (``charge`` runs several times per fault).
+
+        Only for a model that prices with `CostModel.of` itself; a subclass
+        with its own ``of`` is asked every time.
+        """
+        self._priced = cost
+        if type(cost).of is CostModel.of:
+            self._prices = {name: getattr(cost, name) for name in COST_NAMES}
+        else:
+            self._prices = {}
 
     def charge_ns(self, ns: int, what: str) -> None:
         """Charge `ns` nanoseconds of CPU work named `what` (backend latency models)."""

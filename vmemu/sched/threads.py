@@ -23,11 +23,21 @@ from vmemu.sched.waitqueue import WaitQueue
 
 
 class ThreadTask(TaskHandle):
-    """A task backed by a real Python thread."""
+    """A task backed by a real Python thread.
+
+    ``park`` is the task's sleeping primitive: a ``threading.Lock`` used as a
+    binary permit (Java's ``LockSupport.park``/``unpark``, the kernel's
+    task state plus ``try_to_wake_up``). Locked means "no wake-up pending";
+    a waker releases it (a second release of a released lock raises and is
+    ignored: the permit is binary), the sleeper acquires it. Two C calls per
+    hand-off, where a ``threading.Event`` costs a Condition and a fresh lock
+    per wait.
+    """
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.event = threading.Event()
+        self.park = threading.Lock()
+        self.park.acquire()
         self.thread: threading.Thread | None = None
 
 
@@ -40,6 +50,7 @@ class ThreadRuntime(Runtime):
     """
 
     kind = "threads"
+    _clock_moves = False  # charges are only counted
 
     def __init__(self, *, cost: CostModel | None = None, tracer: Tracer | None = None) -> None:
         super().__init__(cost=cost, tracer=tracer, clock=MonotonicClock())
@@ -67,7 +78,7 @@ class ThreadRuntime(Runtime):
         self._run_body(task)
 
     def current(self) -> TaskHandle:
-        task = self._current_or_none()
+        task: TaskHandle | None = getattr(self._local, "task", None)
         if task is None:
             with self._registry_lock:
                 task = self._new_task(ThreadTask, None, (), threading.current_thread().name, None)
@@ -94,7 +105,7 @@ class ThreadRuntime(Runtime):
     # ---- blocking primitives -------------------------------------------------
 
     def prepare_sleep(self, task: TaskHandle) -> None:
-        cast(ThreadTask, task).event.clear()
+        task.park.acquire(False)  # type: ignore[attr-defined]  # forget an earlier wake-up
         task.woken = False
 
     def schedule(
@@ -106,11 +117,11 @@ class ThreadRuntime(Runtime):
         self.tracer.emit("block", reason=reason)
         try:
             if deadline_ns is None:
-                task.event.wait()
+                task.park.acquire()
             else:
                 remaining = (deadline_ns - self.now_ns()) / NSEC_PER_SEC
                 if remaining > 0:
-                    task.event.wait(remaining)
+                    task.park.acquire(True, remaining)
         finally:
             task.state = TaskState.RUNNING
             task.wait_reason = None
@@ -118,7 +129,10 @@ class ThreadRuntime(Runtime):
     def wake_up_process(self, task: TaskHandle, reason: str = "") -> bool:
         was_asleep = not task.woken
         task.woken = True
-        cast(ThreadTask, task).event.set()
+        try:
+            task.park.release()  # type: ignore[attr-defined]
+        except RuntimeError:  # already released: the permit is binary
+            pass
         return was_asleep
 
     def make_lock(self) -> Any:

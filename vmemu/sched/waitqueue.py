@@ -39,6 +39,11 @@ KeyMatch = Callable[[Any, Any], bool]
 Resolver = Callable[[Any], None]
 
 
+def _reason(reason: str | Callable[[], str]) -> str:
+    """A wait reason given as text, or as a function that formats it on demand."""
+    return reason if isinstance(reason, str) else reason()
+
+
 def default_key_match(entry_key: Any, wake_key: Any) -> bool:
     """Whether a waiter registered with `entry_key` is woken by a wake with `wake_key`."""
     if wake_key is None or entry_key is None:
@@ -134,7 +139,7 @@ class WaitQueue:
 
     def wait_event(
         self, condition: Callable[[], bool], *, exclusive: bool = False, key: Any = None,
-        reason: str, timeout: float | None = None,
+        reason: str | Callable[[], str], timeout: float | None = None,
     ) -> bool:
         """Sleep until `condition()` is true; False if `timeout` seconds passed first.
 
@@ -142,54 +147,75 @@ class WaitQueue:
         the condition is checked before sleeping and after every wake-up;
         `exclusive` waiters are woken one at a time; `key` is matched against
         a waker's key; `reason` names what is awaited in traces and deadlock
-        reports.
+        reports (a callable is called only if the task really sleeps, so a
+        hot path need not format it).
+
+        The body is `prepare_to_wait_event` + `schedule` + `finish_wait`
+        written out in one frame (this runs on every userfault).
         """
         if condition():
             return True
         runtime = self.runtime
         task = runtime.current()
         entry = WaitQueueEntry(task, exclusive, key)
-        deadline = runtime.deadline_after(timeout)
-        what = f"{self.name}: {reason}"
+        deadline = None if timeout is None else runtime.deadline_after(timeout)
+        lock = self._lock
+        prepare_sleep = runtime.prepare_sleep
         try:
             while True:
-                self.prepare_to_wait(entry)
+                with lock:  # prepare_to_wait_event
+                    if not entry.queued:
+                        if exclusive:
+                            self._entries.append(entry)
+                        else:
+                            self._entries.insert(0, entry)
+                        entry.queued = True
+                    prepare_sleep(task)
                 if condition():
                     return True
                 if entry.woken:
-                    with self._lock:
+                    with lock:
                         self._wasted += 1
                     entry.woken = False
                 if deadline is not None and runtime.now_ns() >= deadline:
-                    with self._lock:
+                    with lock:
                         self._timeouts += 1
-                    runtime.tracer.emit("timeout", queue=self.name, reason=reason)
+                    runtime.tracer.emit("timeout", queue=self.name, reason=_reason(reason))
                     return False
                 if self.resolver is not None and not entry.resolver_tried:
                     entry.resolver_tried = True
-                    self._resolve(task, key, what)
+                    self._resolve(task, key, reason)
+                    if condition():  # resolved: no need to queue again to find out
+                        return True
                     continue
-                runtime.schedule(what, deadline, (self,))
+                runtime.schedule(f"{self.name}: {_reason(reason)}", deadline, (self,))
                 entry.resolver_tried = False
         finally:
-            self.finish_wait(entry)
+            if entry.queued:  # finish_wait
+                with lock:
+                    if entry.queued:
+                        self._entries.remove(entry)
+                        entry.queued = False
 
-    def _resolve(self, task: TaskHandle, key: Any, what: str) -> None:
+    def _resolve(self, task: TaskHandle, key: Any, reason: str | Callable[[], str]) -> None:
         """Run the inline resolver on `task`, refusing to re-enter it."""
-        if self in task.resolving:
+        resolving = task.resolving
+        if self in resolving:
+            what = f"{self.name}: {_reason(reason)}"
             raise ReentrantFault(
                 [],
                 f"re-entrant wait: task {task.tid} ({task.name}) waits on {what!r} while "
                 f"running that queue's inline resolver (a handler touched memory it serves?)",
             )
-        assert self.resolver is not None
+        resolver = self.resolver
+        assert resolver is not None
         with self._lock:
             self._resolver_calls += 1
-        task.resolving.append(self)
+        resolving.append(self)
         try:
-            self.resolver(key)
+            resolver(key)
         finally:
-            task.resolving.remove(self)
+            resolving.remove(self)
 
     # ---- the waking side -----------------------------------------------------
 
@@ -201,28 +227,37 @@ class WaitQueue:
         the queue's `match` accepts.
         Charges `wakeup` per task woken to the caller.  Returns how many were woken.
         """
-        woken: list[WaitQueueEntry] = []
+        runtime = self.runtime
         with self._lock:
             self._wake_calls += 1
+            entries = self._entries
+            if not entries:
+                return 0
+            woken: list[WaitQueueEntry] = []
             left = nr_exclusive
-            for entry in list(self._entries):
-                if key is not None and not self.match(entry.key, key):
+            match = self.match
+            wake_up_process = runtime.wake_up_process
+            for entry in list(entries):
+                if key is not None and not match(entry.key, key):
                     continue
-                self._entries.remove(entry)
+                entries.remove(entry)
                 entry.queued = False
                 entry.woken = True
                 woken.append(entry)
-                self.runtime.wake_up_process(entry.task)
+                wake_up_process(entry.task)
                 if entry.exclusive:
                     self._woken_exclusive += 1
                     left -= 1
                     if left == 0:
                         break
             self._woken += len(woken)
-        for entry in woken:
-            self.runtime.tracer.emit("wake", queue=self.name, target=entry.task.tid)
-        if woken:
-            self.runtime.charge("wakeup", len(woken))
+        if not woken:
+            return 0
+        tracer = runtime.tracer
+        if tracer.enabled:
+            for entry in woken:
+                tracer.emit("wake", queue=self.name, target=entry.task.tid)
+        runtime.charge("wakeup", len(woken))
         return len(woken)
 
     def wake_up_all(self, key: Any = None) -> int:

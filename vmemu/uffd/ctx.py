@@ -19,6 +19,8 @@ from __future__ import annotations
 import enum
 import errno
 import threading
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -89,6 +91,7 @@ def _ioctl_dispatch() -> Any:
 
 
 _dispatch: Any = None
+_RUNNING = UffdState.RUNNING
 
 
 def _range_match(entry_key: Any, wake_key: Any) -> bool:
@@ -110,9 +113,14 @@ class Userfaultfd:
         self.flags = flags
         self.features = features
         self.state = state
+        #: True after the last close (``ctx->released``): ``state is RELEASED``, kept as a
+        #: plain attribute because every fault and every wait condition reads it
+        self.released = state is UffdState.RELEASED
         self.fd = -1
         self.refs = 1  # open file references (fork and dup share the file)
         runtime = self.kernel.runtime
+        self.runtime = runtime
+        self.tracer = runtime.tracer
         self.lock = threading.RLock()
         self.fault_pending: list[UserfaultWait] = []
         self.fault_read: list[UserfaultWait] = []
@@ -126,17 +134,16 @@ class Userfaultfd:
         from vmemu.sched.pollfd import ReadinessFd
 
         self._ready = ReadinessFd(prefer_eventfd=False)
+        self._is_ready = False  # what was last told to _ready (set_ready takes a lock)
+        #: the mm's hook, ``handle_userfault(vmf, reason)``: deliver a fault to this
+        #: context (see :mod:`vmemu.uffd.fault`); bound here, one Python frame fewer per fault
+        self.handle_userfault: Callable[[VmFaultInfo, int], Any] = partial(handle_userfault, self)
         self._hup = False
 
     def __repr__(self) -> str:
         return f"Userfaultfd(fd={self.fd}, state={self.state.value}, features={self.features:#x})"
 
     # -- state ------------------------------------------------------------------
-
-    @property
-    def released(self) -> bool:
-        """True after the last close (``ctx->released``)."""
-        return self.state is UffdState.RELEASED
 
     @property
     def wp_async(self) -> bool:
@@ -154,7 +161,7 @@ class Userfaultfd:
 
     def trace(self, kind: str, **fields: Any) -> None:
         """Emit a tracepoint on the kernel's tracer."""
-        tracer = self.kernel.runtime.tracer
+        tracer = self.tracer
         if tracer.enabled:
             tracer.emit(kind, **fields)
 
@@ -203,11 +210,10 @@ class Userfaultfd:
         like :class:`vmemu.native.NativeUserfaultfd`.
         """
         caller_mm = (caller or self.process).mm
-        runtime = self.kernel.runtime
-        if runtime.tracer.enabled:
-            runtime.tracer.emit("uffd_ioctl", cmd=uapi.IOCTL_NAMES.get(cmd, hex(cmd)))
-        runtime.charge("syscall")
-        return _ioctl_dispatch()(self, cmd, arg, caller_mm)
+        if self.tracer.enabled:
+            self.tracer.emit("uffd_ioctl", cmd=uapi.IOCTL_NAMES.get(cmd, hex(cmd)))
+        self.runtime.charge("syscall")
+        return (_dispatch or _ioctl_dispatch())(self, cmd, arg, caller_mm)
 
     def register(self, start: int, len: int, mode: int) -> int:  # noqa: A002 - uABI field name
         """UFFDIO_REGISTER ``[start, start+len)`` in ``mode``; returns the ``ioctls`` mask."""
@@ -300,8 +306,10 @@ class Userfaultfd:
                 self.event_wq.wake_up_all()
             else:
                 return None
-            self._update_ready()
-        self.trace("uffd_read", event=msg.event)
+            if self._is_ready is not bool(self.fault_pending or self.events):
+                self._update_ready()
+        if self.tracer.enabled:
+            self.tracer.emit("uffd_read", event=msg.event)
         return msg
 
     def read_msgs(self, nbytes: int = UFFD_MSG_SIZE) -> list[UffdMsg]:
@@ -311,12 +319,25 @@ class Userfaultfd:
         never blocks for the following ones. EINVAL before UFFDIO_API or
         when ``nbytes`` < 32.
         """
-        self._check_running()
+        if self.state is not _RUNNING:
+            self._check_running()
         if nbytes < UFFD_MSG_SIZE:
             raise_errno(errno.EINVAL)
         out: list[UffdMsg] = []
-        while len(out) * UFFD_MSG_SIZE + UFFD_MSG_SIZE <= nbytes:
-            msg = self._dequeue_one()
+        room = nbytes // UFFD_MSG_SIZE
+        pending = self.fault_pending
+        if pending and not self.tracer.enabled:  # faults first: the fault branch of _dequeue_one
+            with self.lock:
+                while pending and len(out) < room:
+                    uwq = pending.pop(0)
+                    uwq.where = "read"
+                    self.fault_read.append(uwq)
+                    out.append(uwq.msg)
+                if self._is_ready is not bool(pending or self.events):
+                    self._update_ready()
+        dequeue_one = self._dequeue_one
+        while len(out) < room:
+            msg = dequeue_one()
             if msg is not None:
                 out.append(msg)
                 continue
@@ -381,7 +402,8 @@ class Userfaultfd:
         ``handle_userfault`` does): a reader that queues itself later sees the
         message when it re-checks before sleeping.
         """
-        self._update_ready()
+        if not self._is_ready:
+            self._update_ready()
         if not self.fd_wq.waitqueue_active():
             return
         if self.exclusive_read:
@@ -391,7 +413,8 @@ class Userfaultfd:
 
     def _update_ready(self) -> None:
         ready = bool(self.fault_pending or self.events)
-        if ready is not self._ready.ready:  # set_ready takes a lock: only on a change
+        if ready is not self._is_ready:  # set_ready takes a lock: only on a change
+            self._is_ready = ready
             self._ready.set_ready(ready)
 
     def dequeue(self, uwq: UserfaultWait) -> None:
@@ -411,24 +434,27 @@ class Userfaultfd:
 
         ``length == 0`` wakes everyone (used by release). Returns how many.
         """
-        key = (start, length)
+        end = start + length
         n = 0
         with self.lock:
             for q in (self.fault_pending, self.fault_read):
-                for uwq in list(q):
-                    if _range_match(uwq.msg.address, key):
+                if not q:
+                    continue
+                keep = []
+                for uwq in q:
+                    if length == 0 or start <= uwq.msg.address < end:  # _range_match
                         uwq.waken = True
                         uwq.where = ""
-                        q.remove(uwq)
                         n += 1
-            self._update_ready()
+                    else:
+                        keep.append(uwq)
+                if len(keep) != len(q):
+                    q[:] = keep
+            if n and self._is_ready is not bool(self.fault_pending or self.events):
+                self._update_ready()
         if n:
-            self.fault_wq.wake_up_all(key)
+            self.fault_wq.wake_up((start, length), 0)  # wake_up_all, one call fewer
         return n
-
-    def handle_userfault(self, vmf: VmFaultInfo, reason: int) -> Any:
-        """The mm's hook: deliver a fault to this context (see :mod:`vmemu.uffd.fault`)."""
-        return handle_userfault(self, vmf, reason)
 
     # -- events --------------------------------------------------------------------
 
@@ -537,6 +563,7 @@ class Userfaultfd:
             release_all_vmas(self)
         with self.lock:
             self.state = UffdState.RELEASED
+            self.released = True
             for q in (self.fault_pending, self.fault_read):
                 for uwq in q:
                     uwq.waken = True
@@ -551,6 +578,7 @@ class Userfaultfd:
         self.event_wq.wake_up_all()
         self.fd_wq.wake_up_all()
         self._ready.hang_up()
+        self._is_ready = True
         self.trace("uffd_release")
 
     # -- fdinfo -----------------------------------------------------------------------

@@ -47,6 +47,8 @@ from vmemu.uffd.uapi import (
 if TYPE_CHECKING:
     from vmemu.uffd.ctx import Userfaultfd
 
+_PAGE_MASK = ~((1 << PAGE_SHIFT) - 1)
+
 
 @attrs.define(eq=False, slots=True)
 class UserfaultWait:
@@ -97,31 +99,69 @@ def userfaultfd_must_wait(mm: Any, address: int, reason: int) -> bool:
 
 
 def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault:
-    """Queue a fault message and sleep until the range is woken (``handle_userfault``)."""
+    """Queue a fault message and sleep until the range is woken (``handle_userfault``).
+
+    Written out in one frame - ``userfault_msg``, the queueing, the
+    ``waitqueue_active`` wake of readers and the mm lock drop around the
+    sleep are inlined - because it runs once per fault; the steps and their
+    order are the kernel's.
+    """
     if ctx.released:
         return VmFault.NOPAGE
-    if ctx.features & UFFD_FEATURE_SIGBUS:
+    features = ctx.features
+    if features & UFFD_FEATURE_SIGBUS:
         return VmFault.SIGBUS
-    if not vmf.flags & FAULT_FLAG_USER and ctx.flags & UFFD_USER_MODE_ONLY:
+    fflags = vmf.flags
+    if not fflags & FAULT_FLAG_USER and ctx.flags & UFFD_USER_MODE_ONLY:
         return VmFault.SIGBUS
-    huge_mask = (1 << PAGE_SHIFT) - 1
-    if vmf.vma.vm_flags & VM_HUGETLB:
-        huge_mask = vmf.vma.vm_file.hstate.size - 1  # vma_kernel_pagesize: 2 MiB or 1 GiB
-    uwq = UserfaultWait(userfault_msg(vmf, reason, ctx.features, huge_mask), vmf.task)
+    # userfault_msg
+    flags = UFFD_PAGEFAULT_FLAG_WRITE if fflags & FAULT_FLAG_WRITE else 0
+    if reason & VM_UFFD_WP:
+        flags |= UFFD_PAGEFAULT_FLAG_WP
+    if reason & VM_UFFD_MINOR:
+        flags |= UFFD_PAGEFAULT_FLAG_MINOR
+    address = vmf.real_address
+    if not features & UFFD_FEATURE_EXACT_ADDRESS:
+        vma = vmf.vma
+        if vma.vm_flags & VM_HUGETLB:
+            address &= ~(vma.vm_file.hstate.size - 1)  # vma_kernel_pagesize: 2 MiB or 1 GiB
+        else:
+            address &= _PAGE_MASK
+    task = vmf.task
+    ptid = 0
+    if features & UFFD_FEATURE_THREAD_ID and task is not None:
+        ptid = int(getattr(task, "tid", 0))
+    uwq = UserfaultWait(PagefaultMsg(flags, address, ptid), task)
     mm = ctx.mm
     if ctx.kernel.runtime.tracer.enabled:
-        ctx.trace("userfault", addr=uwq.msg.address, flags=uwq.msg.flags)
+        ctx.trace("userfault", addr=address, flags=flags)
     with ctx.lock:
         ctx.fault_pending.append(uwq)
         ctx.stat_faults += 1
     if not userfaultfd_must_wait(mm, vmf.address, reason):
         ctx.dequeue(uwq)
         return VmFault.RETRY
-    ctx.notify_readers()
-    with mm_lock_dropped(mm):
-        ctx.fault_wq.wait_event(lambda: uwq.waken or ctx.released, key=uwq.msg.address,
-                                reason=f"userfault at {uwq.msg.address:#x}")
-    ctx.dequeue(uwq)
+    if not ctx._is_ready:  # notify_readers, whose wake is only for readers that wait
+        ctx._update_ready()
+    if ctx.fd_wq.waitqueue_active():
+        ctx.notify_readers()
+    # mmap_read_unlock: sleep with the mm lock released completely, then take it back
+    lock = mm.lock
+    saved = None
+    release = getattr(lock, "_release_save", None)
+    if release is not None:
+        try:
+            saved = release()
+        except RuntimeError:  # not held by this thread
+            saved = None
+    try:
+        ctx.fault_wq.wait_event(lambda: uwq.waken or ctx.released, key=address,
+                                reason=lambda: f"userfault at {address:#x}")
+    finally:
+        if saved is not None:
+            lock._acquire_restore(saved)
+    if uwq.where:  # still queued: woken by release or a timeout, not by wake_range
+        ctx.dequeue(uwq)
     return VmFault.RETRY
 
 

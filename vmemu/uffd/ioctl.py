@@ -15,10 +15,11 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from vmemu.constants import PAGE_SIZE, TASK_SIZE
 from vmemu.errors import errno_error
 from vmemu.uffd import uapi
 from vmemu.uffd.ctx import UffdState
-from vmemu.uffd.mfill import MfillError, MfillMode, mfill_atomic
+from vmemu.uffd.mfill import MfillError, MfillMode, mfill_atomic, mfill_atomic_page
 from vmemu.uffd.move import move_pages
 from vmemu.uffd.register import (
     register,
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 
 _RUNNING = UffdState.RUNNING
+_PAGE_LOW = PAGE_SIZE - 1
+_COPY, _ZEROPAGE, _CONTINUE = MfillMode.COPY, MfillMode.ZEROPAGE, MfillMode.CONTINUE
 
 
 def _fail(err: int, arg: Any) -> None:
@@ -90,47 +93,66 @@ def _validate(arg: Any, start: int, length: int) -> None:
         _fail(e.errno or errno.EINVAL, arg)
 
 
-def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy) -> None:
+def _sane(start: int, length: int) -> bool:
+    """The common case of ``validate_range``: a page-aligned, non-empty user range."""
+    return 0 < length and not (length | start) & _PAGE_LOW and 0 <= start < TASK_SIZE \
+        and length <= TASK_SIZE - start
+
+
+def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy, _mm: Any = None) -> None:
     """UFFDIO_COPY (``userfaultfd_copy``)."""
-    _changing(ctx, arg, "copy")
-    try:  # the source may be unaligned, but must be a user range
-        validate_unaligned_range(arg.src, arg.len)
-    except OSError as e:
-        _fail(e.errno or errno.EINVAL, arg)
-    _validate(arg, arg.dst, arg.len)
+    if ctx.mmap_changing:
+        _changing(ctx, arg, "copy")
+    if not (_sane(arg.dst, arg.len) and not arg.src & _PAGE_LOW and 0 <= arg.src < TASK_SIZE
+            and arg.len <= TASK_SIZE - arg.src):
+        try:  # the source may be unaligned, but must be a user range
+            validate_unaligned_range(arg.src, arg.len)
+        except OSError as e:
+            _fail(e.errno or errno.EINVAL, arg)
+        _validate(arg, arg.dst, arg.len)
     if arg.mode & ~(uapi.UFFDIO_COPY_MODE_DONTWAKE | uapi.UFFDIO_COPY_MODE_WP):
         _fail(errno.EINVAL, arg)
     wp = bool(arg.mode & uapi.UFFDIO_COPY_MODE_WP)
-    _finish(ctx, arg, "copy", arg.dst, arg.len, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
-            _mfill(ctx, arg.dst, arg.src, arg.len, MfillMode.COPY, wp))
+    dst, src = arg.dst, arg.src
+    _finish(ctx, arg, "copy", dst, arg.len, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
+            (lambda: mfill_atomic_page(ctx, dst, src, _COPY, wp)) if arg.len == PAGE_SIZE
+            else _mfill(ctx, dst, src, arg.len, MfillMode.COPY, wp))
 
 
-def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage) -> None:
+def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage, _mm: Any = None) -> None:
     """UFFDIO_ZEROPAGE (``userfaultfd_zeropage``): EINVAL on hugetlb."""
-    _changing(ctx, arg, "zeropage")
+    if ctx.mmap_changing:
+        _changing(ctx, arg, "zeropage")
     r = arg.range
-    _validate(arg, r.start, r.len)
+    if not _sane(r.start, r.len):
+        _validate(arg, r.start, r.len)
     if arg.mode & ~uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE:
         _fail(errno.EINVAL, arg)
-    _finish(ctx, arg, "zeropage", r.start, r.len,
+    start = r.start
+    _finish(ctx, arg, "zeropage", start, r.len,
             bool(arg.mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE),
-            _mfill(ctx, r.start, 0, r.len, MfillMode.ZEROPAGE, False))
+            (lambda: mfill_atomic_page(ctx, start, 0, _ZEROPAGE, False)) if r.len == PAGE_SIZE
+            else _mfill(ctx, start, 0, r.len, MfillMode.ZEROPAGE, False))
 
 
-def uffdio_continue(ctx: Userfaultfd, arg: uapi.uffdio_continue) -> None:
+def uffdio_continue(ctx: Userfaultfd, arg: uapi.uffdio_continue, _mm: Any = None) -> None:
     """UFFDIO_CONTINUE (``userfaultfd_continue``): map what the page cache already holds."""
-    _changing(ctx, arg, "mapped")
+    if ctx.mmap_changing:
+        _changing(ctx, arg, "mapped")
     r = arg.range
-    _validate(arg, r.start, r.len)
+    if not _sane(r.start, r.len):
+        _validate(arg, r.start, r.len)
     if arg.mode & ~(uapi.UFFDIO_CONTINUE_MODE_DONTWAKE | uapi.UFFDIO_CONTINUE_MODE_WP):
         _fail(errno.EINVAL, arg)
     wp = bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_WP)
-    _finish(ctx, arg, "mapped", r.start, r.len,
+    start = r.start
+    _finish(ctx, arg, "mapped", start, r.len,
             bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE),
-            _mfill(ctx, r.start, 0, r.len, MfillMode.CONTINUE, wp))
+            (lambda: mfill_atomic_page(ctx, start, 0, _CONTINUE, wp)) if r.len == PAGE_SIZE
+            else _mfill(ctx, start, 0, r.len, MfillMode.CONTINUE, wp))
 
 
-def uffdio_poison(ctx: Userfaultfd, arg: uapi.uffdio_poison) -> None:
+def uffdio_poison(ctx: Userfaultfd, arg: uapi.uffdio_poison, _mm: Any = None) -> None:
     """UFFDIO_POISON (``userfaultfd_poison``): later accesses raise SIGBUS."""
     _changing(ctx, arg, "updated")
     r = arg.range
@@ -144,11 +166,13 @@ def uffdio_poison(ctx: Userfaultfd, arg: uapi.uffdio_poison) -> None:
 
 def uffdio_move(ctx: Userfaultfd, arg: uapi.uffdio_move, caller_mm: Any) -> None:
     """UFFDIO_MOVE (``userfaultfd_move``): same-mm only."""
-    _changing(ctx, arg, "move")
+    if ctx.mmap_changing:
+        _changing(ctx, arg, "move")
     if caller_mm is not ctx.mm:
         _fail(errno.EINVAL, arg)
-    for start in (arg.dst, arg.src):
-        _validate(arg, start, arg.len)
+    if not (_sane(arg.dst, arg.len) and _sane(arg.src, arg.len)):
+        for start in (arg.dst, arg.src):
+            _validate(arg, start, arg.len)
     if arg.mode & ~(uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | uapi.UFFDIO_MOVE_MODE_DONTWAKE):
         _fail(errno.EINVAL, arg)
     _finish(ctx, arg, "move", arg.dst, arg.len,
@@ -156,12 +180,13 @@ def uffdio_move(ctx: Userfaultfd, arg: uapi.uffdio_move, caller_mm: Any) -> None
             lambda: move_pages(ctx, arg.dst, arg.src, arg.len, arg.mode))
 
 
-def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect) -> None:
+def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect, _mm: Any = None) -> None:
     """UFFDIO_WRITEPROTECT (``userfaultfd_writeprotect``)."""
     if ctx.mmap_changing:
         _fail(errno.EAGAIN, arg)
     r = arg.range
-    _validate(arg, r.start, r.len)
+    if not _sane(r.start, r.len):
+        _validate(arg, r.start, r.len)
     mode = arg.mode
     if mode & ~(uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE | uapi.UFFDIO_WRITEPROTECT_MODE_WP):
         _fail(errno.EINVAL, arg)
@@ -195,8 +220,10 @@ def dispatch(ctx: Userfaultfd, cmd: int, arg: Any, caller_mm: Any) -> Any:
     if handler is None:
         _fail(errno.EINVAL, arg)
     assert handler is not None
-    _expect(arg, handler[0])
-    handler[1](ctx, arg, caller_mm)
+    cls, run = handler
+    if type(arg) is not cls:
+        _expect(arg, cls)
+    run(ctx, arg, caller_mm)
     return arg
 
 
@@ -228,12 +255,11 @@ _HANDLERS: dict[int, tuple[type, Any]] = {
     uapi.UFFDIO_REGISTER: (uapi.uffdio_register, _register),
     uapi.UFFDIO_UNREGISTER: (uapi.uffdio_range, _unregister),
     uapi.UFFDIO_WAKE: (uapi.uffdio_range, _wake),
-    uapi.UFFDIO_COPY: (uapi.uffdio_copy, lambda c, a, m: uffdio_copy(c, a)),
-    uapi.UFFDIO_ZEROPAGE: (uapi.uffdio_zeropage, lambda c, a, m: uffdio_zeropage(c, a)),
+    uapi.UFFDIO_COPY: (uapi.uffdio_copy, uffdio_copy),
+    uapi.UFFDIO_ZEROPAGE: (uapi.uffdio_zeropage, uffdio_zeropage),
     uapi.UFFDIO_MOVE: (uapi.uffdio_move, uffdio_move),
-    uapi.UFFDIO_WRITEPROTECT: (uapi.uffdio_writeprotect,
-                               lambda c, a, m: uffdio_writeprotect(c, a)),
-    uapi.UFFDIO_CONTINUE: (uapi.uffdio_continue, lambda c, a, m: uffdio_continue(c, a)),
-    uapi.UFFDIO_POISON: (uapi.uffdio_poison, lambda c, a, m: uffdio_poison(c, a)),
+    uapi.UFFDIO_WRITEPROTECT: (uapi.uffdio_writeprotect, uffdio_writeprotect),
+    uapi.UFFDIO_CONTINUE: (uapi.uffdio_continue, uffdio_continue),
+    uapi.UFFDIO_POISON: (uapi.uffdio_poison, uffdio_poison),
 }
 

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 # Flags of a new anonymous folio, computed once: IntFlag's ``|`` is a Python-level call.
 _NEW_ANON_FOLIO_FLAGS = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
+# vm_get_page_prot by vm_flags, filled on first use (a VMA's flags take few values)
+_PROT: dict[int, int] = {}
 
 
 class MfillMode(enum.Enum):
@@ -73,11 +75,7 @@ class MfillError(Exception):
 
 def _pte_slot(mm: Any, addr: int) -> tuple[list[int], int]:
     """The PTE table and index for ``addr``, allocating tables; EEXIST under a huge PMD."""
-    pmd = mm.pgtables.pmd_table(addr, True)
-    me = pmd[(addr >> 21) & 511]
-    if me & _PAGE_PSE:
-        raise MfillError(errno.EEXIST)
-    table = mm.pgtables.pte_table(addr, True)
+    table = mm.pgtables.pte_table(addr, True)  # one walk: None under a huge (or marker) leaf
     if table is None:
         raise MfillError(errno.EEXIST)
     return table, (addr >> PAGE_SHIFT) & 511
@@ -85,14 +83,20 @@ def _pte_slot(mm: Any, addr: int) -> tuple[list[int], int]:
 
 def install_pte(mm: Any, vma: Vma, addr: int, folio: Any, in_cache: bool, wp: bool) -> None:
     """Map ``folio`` at ``addr`` if the PTE is empty (``mfill_atomic_install_pte``)."""
-    table, idx = _pte_slot(mm, addr)
+    table = mm.pgtables.pte_table(addr, True)  # _pte_slot, inlined: it runs for every page
+    if table is None:
+        raise MfillError(errno.EEXIST)
+    idx = (addr >> PAGE_SHIFT) & 511
     cur = table[idx]
     if cur and not is_pte_marker(cur):  # pte_none_mostly: uffd-wp and poison markers
         raise MfillError(errno.EEXIST)
-    pte = (folio.pfn << PAGE_SHIFT) | vm_get_page_prot(vma.vm_flags) | _PAGE_DIRTY \
-        | _PAGE_SOFT_DIRTY
-    writable = bool(vma.vm_flags & VM_WRITE)
-    if in_cache and not vma.vm_flags & VM_SHARED:
+    vm_flags = vma.vm_flags
+    prot = _PROT.get(vm_flags)
+    if prot is None:
+        prot = _PROT[vm_flags] = vm_get_page_prot(vm_flags)
+    pte = (folio.pfn << PAGE_SHIFT) | prot | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
+    writable = bool(vm_flags & VM_WRITE)
+    if in_cache and not vm_flags & VM_SHARED:
         writable = False
     pte = pte | _PAGE_RW if writable else pte & ~_PAGE_RW
     if wp:
@@ -111,8 +115,8 @@ def _new_anon_folio(mm: Any, vma: Vma, addr: int, data: Any) -> Any:
     if data is not None:
         folio.data[:] = data
     folio.flags = _NEW_ANON_FOLIO_FLAGS
-    folio.mapping = anon_vma_prepare(vma)
-    folio.index = vma.linear_page_index(addr)
+    folio.mapping = vma.anon_vma or anon_vma_prepare(vma)
+    folio.index = vma.vm_pgoff + ((addr - vma.vm_start) >> PAGE_SHIFT)  # linear_page_index
     folio.mapcount = 0
     return folio
 
@@ -426,3 +430,49 @@ def _check_dst_vma(ctx: Userfaultfd, vma: Vma | None, dst: int, length: int, mod
         raise MfillError(errno.EINVAL)  # handled by mfill_atomic_hugetlb before we get here
     if mode is MfillMode.CONTINUE and vma.vm_file is None:
         raise MfillError(errno.EINVAL)
+
+
+def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp: bool) -> int:
+    """``mfill_atomic`` of exactly one 4 KiB page: what a fault handler's ioctl does.
+
+    The same steps, checks and errors as the range path for ``len`` =
+    4 KiB - a hugetlb destination goes to ``mfill_atomic_hugetlb``
+    (ZEROPAGE there is EINVAL), the destination VMA is checked under the
+    mm lock (``_dst_vma``, with the VMA already in hand), a COPY source is
+    copied with the lock held when it is mapped and with faults enabled and
+    the lock dropped otherwise - without the range loop around them.
+    Returns the bytes done (4096) or raises ``MfillError``.
+    """
+    mm = ctx.mm
+    with mm.lock:
+        vma = mm.vmas.vma_lookup(dst)
+        hugetlb = vma is not None and vma.vm_flags & VM_HUGETLB
+        if not hugetlb:
+            if vma is None or dst + PAGE_SIZE > vma.vm_end or vma.vm_userfaultfd_ctx is None:
+                raise MfillError(errno.ENOENT)
+            if ctx.mmap_changing:
+                raise MfillError(errno.EAGAIN)
+            if wp and not vma.vm_flags & VM_UFFD_WP:
+                raise MfillError(errno.EINVAL)
+            if mode is MfillMode.COPY:
+                data = copy_from_user_nofault(mm, src)
+                if data is not None:
+                    mfill_pte(ctx, vma, dst, mode, wp, data)
+                    return PAGE_SIZE
+            else:
+                if mode is MfillMode.CONTINUE and vma.vm_file is None:
+                    raise MfillError(errno.EINVAL)
+                mfill_pte(ctx, vma, dst, mode, wp, None)
+                return PAGE_SIZE
+    if hugetlb:
+        if mode is MfillMode.ZEROPAGE:
+            raise MfillError(errno.EINVAL)  # there is no huge zero page to map
+        return int(ctx.kernel.mfill_atomic_hugetlb(ctx, vma, dst, src, PAGE_SIZE, mode, wp))
+    try:  # the source is not mapped: copy it with faults enabled, the lock dropped
+        data = access_user(mm, src, PAGE_SIZE, False)
+    except OSError as e:
+        raise MfillError(e.errno or errno.EFAULT) from None
+    with mm.lock:
+        vma = _dst_vma(ctx, dst, PAGE_SIZE, mode, wp)
+        mfill_pte(ctx, vma, dst, mode, wp, data)
+    return PAGE_SIZE
