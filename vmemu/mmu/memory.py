@@ -218,8 +218,9 @@ def do_anonymous_page(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -
     a write-protect fault on retry.
     """
     vma = vmf.vma
-    if vma.vm_flags & VM_UFFD_MISSING:
-        return handle_userfault(vmf, VM_UFFD_MISSING)
+    if vma.vm_flags & VM_UFFD_MISSING:  # handle_userfault(vmf, VM_UFFD_MISSING), inlined
+        ctx = vma.vm_userfaultfd_ctx
+        return VmFault.SIGBUS if ctx is None else ctx.handle_userfault(vmf, VM_UFFD_MISSING)
     prot = vm_get_page_prot(vma.vm_flags)
     if not vmf.flags & FAULT_FLAG_WRITE:
         pte = (mm.phys.zero_pfn << PAGE_SHIFT) | prot | _PAGE_SPECIAL
@@ -259,8 +260,9 @@ def do_fault(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -> VmFault
         folio = inode.get_folio(index)
         if folio is None:
             return VmFault.OOM
-    elif vma.vm_flags & VM_UFFD_MINOR:
-        return handle_userfault(vmf, VM_UFFD_MINOR)
+    elif vma.vm_flags & VM_UFFD_MINOR:  # handle_userfault(vmf, VM_UFFD_MINOR), inlined
+        ctx = vma.vm_userfaultfd_ctx
+        return VmFault.SIGBUS if ctx is None else ctx.handle_userfault(vmf, VM_UFFD_MINOR)
     if folio.test(PG.hwpoison):
         return VmFault.HWPOISON
     prot = vm_get_page_prot(vma.vm_flags)
@@ -304,7 +306,9 @@ def do_wp_page(mm: MmStruct, vmf: VmFaultInfo) -> VmFault:
     if pte & _PAGE_UFFD_WP:
         ctx = vma.vm_userfaultfd_ctx
         if vma.vm_flags & VM_UFFD_WP and not (ctx is not None and ctx.wp_async):
-            return handle_userfault(vmf, VM_UFFD_WP)
+            if ctx is None:  # handle_userfault(vmf, VM_UFFD_WP), inlined
+                return VmFault.SIGBUS
+            return ctx.handle_userfault(vmf, VM_UFFD_WP)
         pte &= ~_PAGE_UFFD_WP  # WP_ASYNC, or a stale bit after unregister
         vmf.table[vmf.idx] = pte
         vmf.orig_pte = pte

@@ -505,7 +505,8 @@ class MmStruct:
                             else:
                                 pte |= _PAGE_ACCESSED
                             table[idx] = pte
-                            buf = mem_map[pfn].page_buffer(pfn)
+                            folio = mem_map[pfn]
+                            buf = folio.data if folio.order == 0 else folio.page_buffer(pfn)
                             self.tlb.fill(addr >> PAGE_SHIFT, buf,
                                           bool(pte & _PAGE_RW and pte & _PAGE_DIRTY))
                             return buf

@@ -198,6 +198,7 @@ class VmaTree:
         # every insert and remove; a VMA's bounds only change while it is in the tree
         # when nothing else covers the addresses it gains, so its own bounds suffice.
         self._last: Vma | None = None
+        self._last2: Vma | None = None
 
     def __len__(self) -> int:
         return len(self._list)
@@ -207,12 +208,12 @@ class VmaTree:
 
     def insert(self, vma: Vma) -> None:
         """Add a VMA (``vma_iter_store``); the caller guarantees no overlap."""
-        self._last = None
+        self._last = self._last2 = None
         self._list.add(vma)
 
     def remove(self, vma: Vma) -> None:
         """Remove a VMA from the tree (``vma_iter_clear``)."""
-        self._last = None
+        self._last = self._last2 = None
         self._list.remove(vma)
 
     def find_vma(self, addr: int) -> Vma | None:
@@ -231,13 +232,17 @@ class VmaTree:
         v = self._last
         if v is not None and v.vm_start <= addr < v.vm_end:
             return v
+        w = self._last2  # a second entry: MOVE alternates between two VMAs
+        if w is not None and w.vm_start <= addr < w.vm_end:
+            self._last, self._last2 = w, v
+            return w
         lst = self._list
         i = lst.bisect_key_right(addr) - 1
         if i >= 0:
-            v = lst[i]
-            if v.vm_end > addr:
-                self._last = v
-                return v
+            w = lst[i]
+            if w.vm_end > addr:
+                self._last, self._last2 = w, v
+                return w
         return None
 
     def overlapping(self, start: int, end: int) -> list[Vma]:

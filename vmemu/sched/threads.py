@@ -111,10 +111,13 @@ class ThreadRuntime(Runtime):
     def schedule(
         self, reason: str, deadline_ns: int | None = None, queues: tuple[WaitQueue, ...] = ()
     ) -> None:
-        task = cast(ThreadTask, self.current())
+        task: Any = getattr(self._local, "task", None)  # current(), without typing.cast calls
+        if task is None:
+            task = self.current()
         task.state = TaskState.BLOCKED
         task.wait_reason = reason
-        self.tracer.emit("block", reason=reason)
+        if self.tracer.enabled:
+            self.tracer.emit("block", reason=reason)
         try:
             if deadline_ns is None:
                 task.park.acquire()

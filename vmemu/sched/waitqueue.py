@@ -140,6 +140,7 @@ class WaitQueue:
     def wait_event(
         self, condition: Callable[[], bool], *, exclusive: bool = False, key: Any = None,
         reason: str | Callable[[], str], timeout: float | None = None,
+        before_sleep: Callable[[], None] | None = None,
     ) -> bool:
         """Sleep until `condition()` is true; False if `timeout` seconds passed first.
 
@@ -148,7 +149,11 @@ class WaitQueue:
         `exclusive` waiters are woken one at a time; `key` is matched against
         a waker's key; `reason` names what is awaited in traces and deadlock
         reports (a callable is called only if the task really sleeps, so a
-        hot path need not format it).
+        hot path need not format it). `before_sleep`, if given, runs once,
+        when the task is queued, armed and has found the condition false,
+        just before it runs the resolver or sleeps: what `handle_userfault`
+        does with `wake_up_poll(&ctx->fd_wqh)` right before `schedule()`, so
+        that the woken reader does not wait for the waker to go to sleep.
 
         The body is `prepare_to_wait_event` + `schedule` + `finish_wait`
         written out in one frame (this runs on every userfault).
@@ -173,6 +178,9 @@ class WaitQueue:
                     prepare_sleep(task)
                 if condition():
                     return True
+                if before_sleep is not None:
+                    before_sleep()
+                    before_sleep = None
                 if entry.woken:
                     with lock:
                         self._wasted += 1

@@ -134,7 +134,10 @@ class Userfaultfd:
         from vmemu.sched.pollfd import ReadinessFd
 
         self._ready = ReadinessFd(prefer_eventfd=False)
-        self._is_ready = False  # what was last told to _ready (set_ready takes a lock)
+        # readiness of the fd, under self.lock: what the queues say (_is_ready), told to
+        # the ReadinessFd only once someone has asked for fileno() (set_ready takes a lock)
+        self._is_ready = False
+        self._fd_open = False
         #: the mm's hook, ``handle_userfault(vmf, reason)``: deliver a fault to this
         #: context (see :mod:`vmemu.uffd.fault`); bound here, one Python frame fewer per fault
         self.handle_userfault: Callable[[VmFaultInfo, int], Any] = partial(handle_userfault, self)
@@ -333,8 +336,10 @@ class Userfaultfd:
                     uwq.where = "read"
                     self.fault_read.append(uwq)
                     out.append(uwq.msg)
-                if self._is_ready is not bool(pending or self.events):
-                    self._update_ready()
+                if not (pending or self.events):  # _update_ready, inlined
+                    self._is_ready = False
+                    if self._fd_open:
+                        self._ready.set_ready(False)
         dequeue_one = self._dequeue_one
         while len(out) < room:
             msg = dequeue_one()
@@ -393,7 +398,12 @@ class Userfaultfd:
 
     def fileno(self) -> int:
         """A real fd, readable exactly while a message is queued; hung up after release."""
-        return self._ready.fileno()
+        with self.lock:
+            fd = self._ready.fileno()
+            if not self._fd_open:  # from now on every readiness change goes to the fd
+                self._fd_open = True
+                self._ready.set_ready(self._is_ready)
+            return fd
 
     def notify_readers(self) -> None:
         """A message was queued: wake readers and pollers (``wake_up_poll(fd_wqh, EPOLLIN)``).
@@ -403,7 +413,8 @@ class Userfaultfd:
         message when it re-checks before sleeping.
         """
         if not self._is_ready:
-            self._update_ready()
+            with self.lock:
+                self._update_ready()
         if not self.fd_wq.waitqueue_active():
             return
         if self.exclusive_read:
@@ -412,10 +423,12 @@ class Userfaultfd:
             self.fd_wq.wake_up_all()
 
     def _update_ready(self) -> None:
+        """Make the fd readable exactly while a message is queued (call with ``self.lock``)."""
         ready = bool(self.fault_pending or self.events)
         if ready is not self._is_ready:  # set_ready takes a lock: only on a change
             self._is_ready = ready
-            self._ready.set_ready(ready)
+            if self._fd_open:
+                self._ready.set_ready(ready)
 
     def dequeue(self, uwq: UserfaultWait) -> None:
         """Take a fault off whichever queue holds it (the end of ``handle_userfault``)."""

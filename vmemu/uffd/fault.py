@@ -91,7 +91,7 @@ def userfaultfd_must_wait(mm: Any, address: int, reason: int) -> bool:
         pte = me
     else:  # the PTE table under this PMD entry (get_pte without walking from the top again)
         pte = mm.phys.mem_map[(me & PTE_PFN_MASK) >> PAGE_SHIFT][(address >> PAGE_SHIFT) & 511]
-    if pte == 0 or is_uffd_wp_marker(pte):
+    if pte == 0 or (not pte & (_PAGE_PRESENT | _PAGE_PROTNONE) and is_uffd_wp_marker(pte)):
         return True
     if reason & VM_UFFD_WP and pte & (_PAGE_PRESENT | _PAGE_PROTNONE) and not pte & _PAGE_RW:
         return bool(pte & _PAGE_UFFD_WP)
@@ -138,15 +138,18 @@ def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault
     with ctx.lock:
         ctx.fault_pending.append(uwq)
         ctx.stat_faults += 1
+        if not ctx._is_ready:  # the readiness half of notify_readers (_update_ready, inlined)
+            ctx._is_ready = True
+            if ctx._fd_open:
+                ctx._ready.set_ready(True)
     if not userfaultfd_must_wait(mm, vmf.address, reason):
         ctx.dequeue(uwq)
         return VmFault.RETRY
-    if not ctx._is_ready:  # notify_readers, whose wake is only for readers that wait
-        ctx._update_ready()
-    if ctx.fd_wq.waitqueue_active():
-        ctx.notify_readers()
+    # the wake half, only when a reader waits (waitqueue_active: a reader that queues
+    # itself later finds the message when it re-checks), done right before sleeping
+    wake_readers = ctx.notify_readers if ctx.fd_wq.waitqueue_active() else None
     # mmap_read_unlock: sleep with the mm lock released completely, then take it back
-    lock = mm.lock
+    lock: Any = mm.lock
     saved = None
     release = getattr(lock, "_release_save", None)
     if release is not None:
@@ -156,7 +159,8 @@ def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault
             saved = None
     try:
         ctx.fault_wq.wait_event(lambda: uwq.waken or ctx.released, key=address,
-                                reason=lambda: f"userfault at {address:#x}")
+                                reason=lambda: f"userfault at {address:#x}",
+                                before_sleep=wake_readers)
     finally:
         if saved is not None:
             lock._acquire_restore(saved)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import PAGE_SIZE, TASK_SIZE
@@ -103,8 +104,10 @@ def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy, _mm: Any = None) -> Non
     """UFFDIO_COPY (``userfaultfd_copy``)."""
     if ctx.mmap_changing:
         _changing(ctx, arg, "copy")
-    if not (_sane(arg.dst, arg.len) and not arg.src & _PAGE_LOW and 0 <= arg.src < TASK_SIZE
-            and arg.len <= TASK_SIZE - arg.src):
+    dst, src, length = arg.dst, arg.src, arg.len
+    if not (0 < length and not (length | dst | src) & _PAGE_LOW and 0 <= dst < TASK_SIZE
+            and 0 <= src < TASK_SIZE and length <= TASK_SIZE - dst
+            and length <= TASK_SIZE - src):  # not the common case: validate in the kernel's order
         try:  # the source may be unaligned, but must be a user range
             validate_unaligned_range(arg.src, arg.len)
         except OSError as e:
@@ -113,10 +116,9 @@ def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy, _mm: Any = None) -> Non
     if arg.mode & ~(uapi.UFFDIO_COPY_MODE_DONTWAKE | uapi.UFFDIO_COPY_MODE_WP):
         _fail(errno.EINVAL, arg)
     wp = bool(arg.mode & uapi.UFFDIO_COPY_MODE_WP)
-    dst, src = arg.dst, arg.src
-    _finish(ctx, arg, "copy", dst, arg.len, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
-            (lambda: mfill_atomic_page(ctx, dst, src, _COPY, wp)) if arg.len == PAGE_SIZE
-            else _mfill(ctx, dst, src, arg.len, MfillMode.COPY, wp))
+    _finish(ctx, arg, "copy", dst, length, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
+            partial(mfill_atomic_page, ctx, dst, src, _COPY, wp) if length == PAGE_SIZE
+            else _mfill(ctx, dst, src, length, MfillMode.COPY, wp))
 
 
 def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage, _mm: Any = None) -> None:
@@ -131,7 +133,7 @@ def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage, _mm: Any = None
     start = r.start
     _finish(ctx, arg, "zeropage", start, r.len,
             bool(arg.mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE),
-            (lambda: mfill_atomic_page(ctx, start, 0, _ZEROPAGE, False)) if r.len == PAGE_SIZE
+            partial(mfill_atomic_page, ctx, start, 0, _ZEROPAGE, False) if r.len == PAGE_SIZE
             else _mfill(ctx, start, 0, r.len, MfillMode.ZEROPAGE, False))
 
 
@@ -148,7 +150,7 @@ def uffdio_continue(ctx: Userfaultfd, arg: uapi.uffdio_continue, _mm: Any = None
     start = r.start
     _finish(ctx, arg, "mapped", start, r.len,
             bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE),
-            (lambda: mfill_atomic_page(ctx, start, 0, _CONTINUE, wp)) if r.len == PAGE_SIZE
+            partial(mfill_atomic_page, ctx, start, 0, _CONTINUE, wp) if r.len == PAGE_SIZE
             else _mfill(ctx, start, 0, r.len, MfillMode.CONTINUE, wp))
 
 

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 # Flags of a new anonymous folio, computed once: IntFlag's ``|`` is a Python-level call.
 _NEW_ANON_FOLIO_FLAGS = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
+_PAGE_LOW = PAGE_SIZE - 1
 # vm_get_page_prot by vm_flags, filled on first use (a VMA's flags take few values)
 _PROT: dict[int, int] = {}
 
@@ -75,7 +76,11 @@ class MfillError(Exception):
 
 def _pte_slot(mm: Any, addr: int) -> tuple[list[int], int]:
     """The PTE table and index for ``addr``, allocating tables; EEXIST under a huge PMD."""
-    table = mm.pgtables.pte_table(addr, True)  # one walk: None under a huge (or marker) leaf
+    pmd = mm.pgtables.pmd_table(addr, True)
+    me = pmd[(addr >> 21) & 511]
+    if me & _PAGE_PSE:
+        raise MfillError(errno.EEXIST)
+    table = mm.pgtables.pte_table(addr, True)
     if table is None:
         raise MfillError(errno.EEXIST)
     return table, (addr >> PAGE_SHIFT) & 511
@@ -455,7 +460,9 @@ def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp:
             if wp and not vma.vm_flags & VM_UFFD_WP:
                 raise MfillError(errno.EINVAL)
             if mode is MfillMode.COPY:
-                data = copy_from_user_nofault(mm, src)
+                data = None if src & _PAGE_LOW else mm.tlb.r.get(src >> PAGE_SHIFT)
+                if data is None:  # not a TLB hit: walk the source's tables
+                    data = copy_from_user_nofault(mm, src)
                 if data is not None:
                     mfill_pte(ctx, vma, dst, mode, wp, data)
                     return PAGE_SIZE
