@@ -17,16 +17,29 @@ maps the page still protected; unprotect clears it.
 from __future__ import annotations
 
 import errno
+import os
 import platform
+import select
 import sys
+import threading
 from typing import Any
 
 import pytest
 
 import vmemu
-from vmemu.constants import MADV_DONTNEED, MAP_PRIVATE, MAP_SHARED, PROT_READ, PROT_WRITE
+from vmemu.constants import (
+    MADV_DONTNEED,
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PAGE_SIZE,
+    PROT_READ,
+    PROT_WRITE,
+)
 from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MFD_HUGETLB
-from vmemu.mmu.proc import PM_PRESENT, PM_UFFD_WP
+from vmemu.mmu.proc import PM_FILE, PM_MMAP_EXCLUSIVE, PM_PFRAME_MASK, PM_PRESENT, PM_UFFD_WP
 from vmemu.uffd import uapi
 
 pytestmark = pytest.mark.differential
@@ -60,7 +73,7 @@ def native_process(hugepages: int) -> Any:
         p.userfaultfd(0).close()
     except OSError as e:
         pytest.skip(f"userfaultfd not permitted here: {e}")
-    if _host_free_hugepages() < hugepages:
+    if hugepages and _host_free_hugepages() < hugepages:
         pytest.skip(f"host hugetlb pool has fewer than {hugepages} free 2 MiB pages")
     return p
 
@@ -150,5 +163,160 @@ def test_hugetlb_wp_zap_leaves_marker(side: str, shared: bool) -> None:
     p = emulated_process() if side == "vmemu" else native_process(2 * NPAGES)
     got = hugetlb_wp_zap(p, shared)
     assert got == (EXPECTED_SHARED if shared else EXPECTED_PRIVATE)
+    if side == "vmemu":
+        p.check()
+
+
+# -- THP: the huge zero page, and MISSING faults through the PMD path ---------------------------
+
+
+def _host_thp_policy() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+def _host_use_zero_page() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def native_thp_process() -> Any:
+    """A NativeProcess where MADV_HUGEPAGE gives THPs and reads the huge zero page, or a skip."""
+    if _host_thp_policy() == "never":
+        pytest.skip("host THP policy is 'never'")
+    if not _host_use_zero_page():
+        pytest.skip("host transparent_hugepage/use_zero_page is off")
+    if os.geteuid() != 0:
+        pytest.skip("pagemap shows PFNs to root only")
+    return native_process(0)
+
+
+def _smaps_kb(p: Any, addr: int, field: str) -> int:
+    text = p.smaps() if hasattr(p, "smaps") else open("/proc/self/smaps").read()
+    inside = False
+    for line in text.splitlines():
+        head = line.split()[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {addr:#x}")
+
+
+def _thp_area(p: Any, advice: int) -> tuple[int, int]:
+    """A 2 MiB-aligned private anonymous 2 MiB with ``advice``; returns (aligned, raw)."""
+    raw = p.mmap(0, 2 * H, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+    a = (raw + H - 1) & ~(H - 1)
+    p.madvise(a, H, advice)
+    return a, raw
+
+
+def _pm(p: Any, addr: int) -> tuple[int, int, int]:
+    e = p.pagemap(addr)
+    return int(bool(e & PM_PRESENT)), int(bool(e & PM_FILE)), int(bool(e & PM_MMAP_EXCLUSIVE))
+
+
+def huge_zero_page(p: Any) -> list[tuple[str, Any]]:
+    """Read, write and split the huge zero page; what pagemap and smaps show."""
+    out: list[tuple[str, Any]] = []
+    small, small_raw = _thp_area(p, MADV_NOHUGEPAGE)
+    p.read(small, 1)
+    zero_pfn = p.pagemap(small) & PM_PFRAME_MASK
+    out.append(("4k zero page", _pm(p, small)))
+    a, raw = _thp_area(p, MADV_HUGEPAGE)
+    b, b_raw = _thp_area(p, MADV_HUGEPAGE)
+    try:
+        assert p.read(a + 5, 3) == bytes(3)
+        pfn0, pfn1 = (p.pagemap(a + i * PAGE_SIZE) & PM_PFRAME_MASK for i in (0, 1))
+        out.append(("read", _pm(p, a), pfn1 == pfn0 + 1, pfn0 == zero_pfn,
+                    _smaps_kb(p, a, "Rss"), _smaps_kb(p, a, "AnonHugePages")))
+        p.write(a + 3 * PAGE_SIZE, b"w")
+        out.append(("write", _pm(p, a), p.read(a + 3 * PAGE_SIZE, 2),
+                    _smaps_kb(p, a, "Rss"), _smaps_kb(p, a, "AnonHugePages")))
+        p.read(b, 1)
+        p.madvise(b, PAGE_SIZE, MADV_DONTNEED)
+        out.append(("dontneed 4k", _pm(p, b), _pm(p, b + PAGE_SIZE),
+                    p.pagemap(b + PAGE_SIZE) & PM_PFRAME_MASK == zero_pfn,
+                    _smaps_kb(p, b, "Rss"), _smaps_kb(p, b, "AnonHugePages")))
+    finally:
+        for r in (small_raw, raw, b_raw):
+            p.munmap(r, 2 * H)
+    return out
+
+
+EXPECTED_HUGE_ZERO = [
+    ("4k zero page", (1, 0, 0)),
+    ("read", (1, 1, 0), True, False, 0, 0),
+    ("write", (1, 0, 1), b"w\0", 2048, 2048),
+    ("dontneed 4k", (0, 0, 0), (1, 0, 0), True, 0, 0),
+]
+
+
+@pytest.mark.parametrize("side", ["vmemu", "kernel"])
+def test_thp_read_fault_maps_the_huge_zero_page(side: str) -> None:
+    p = vmemu.Process() if side == "vmemu" else native_thp_process()
+    assert huge_zero_page(p) == EXPECTED_HUGE_ZERO
+    if side == "vmemu":
+        p.check()
+
+
+def missing_then_move(p: Any, write: bool, advice: int) -> tuple[Any, ...]:
+    """A MISSING fault in ``dst`` resolved by UFFDIO_MOVE of a whole 2 MiB THP from ``src``.
+
+    In a THP-eligible ``dst`` the fault reached handle_userfault from the PMD
+    path, so the PMD is still none and the THP moves whole (dst shows
+    AnonHugePages); otherwise the fault allocated a PTE table and the move
+    splits the THP.
+    """
+    src, src_raw = _thp_area(p, MADV_HUGEPAGE)
+    # no zero-filled subpage: 6.18 remaps those to the shared zero page when the THP splits
+    p.write(src, b"\x5a" * (H - PAGE_SIZE) + b"\x5b" * PAGE_SIZE)
+    dst, dst_raw = _thp_area(p, advice)
+    u = p.userfaultfd(uapi.O_CLOEXEC | uapi.O_NONBLOCK)
+    try:
+        u.api(uapi.UFFD_FEATURE_MOVE)
+        u.register(dst, H, uapi.UFFDIO_REGISTER_MODE_MISSING)
+        src_huge = _smaps_kb(p, src, "AnonHugePages")
+        box: list[bytes] = []
+
+        def touch() -> None:
+            t = p.thread("T")
+            if write:
+                t.write(dst + 5, b"\x07")
+            box.append(t.read(dst + 5, 1))
+
+        th = threading.Thread(target=touch, daemon=True)
+        th.start()
+        assert select.select([u.fileno()], [], [], 10)[0], "no fault message"
+        msg = u.read_msgs(32)[0]
+        moved = u.move(dst, src, H, 0)
+        th.join(10)
+        assert not th.is_alive()
+        return (src_huge, msg.address - dst, msg.flags, moved, box[0],
+                _smaps_kb(p, dst, "AnonHugePages"), _smaps_kb(p, dst, "Rss"),
+                p.read(dst + H - PAGE_SIZE, 1), _pm(p, src)[0])
+    finally:
+        u.close()
+        p.munmap(src_raw, 2 * H)
+        p.munmap(dst_raw, 2 * H)
+
+
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
+@pytest.mark.parametrize("eligible", [True, False], ids=["hugepage", "nohugepage"])
+@pytest.mark.parametrize("side", ["vmemu", "kernel"])
+def test_missing_fault_leaves_pmd_none_for_a_whole_pmd_move(side: str, eligible: bool,
+                                                            write: bool) -> None:
+    p = vmemu.Process() if side == "vmemu" else native_thp_process()
+    got = missing_then_move(p, write, MADV_HUGEPAGE if eligible else MADV_NOHUGEPAGE)
+    flags = uapi.UFFD_PAGEFAULT_FLAG_WRITE if write else 0
+    first = b"\x07" if write else b"\x5a"
+    assert got == (2048, 0, flags, H, first, 2048 if eligible else 0, 2048, b"\x5b", 0)
     if side == "vmemu":
         p.check()

@@ -23,7 +23,8 @@ from vmemu.constants import (
 from vmemu.kernel import Kernel
 from vmemu.mmu import proc
 from vmemu.mmu.huge_memory import khugepaged_scan_mm
-from vmemu.mmu.pgtable import _PAGE_PSE
+from vmemu.mmu.pgtable import _PAGE_PSE, _PAGE_RW, _PAGE_SPECIAL
+from vmemu.mmu.proc import PM_FILE, PM_MMAP_EXCLUSIVE, PM_PFRAME_MASK, PM_PRESENT
 
 MIB2 = PMD_SIZE
 
@@ -86,12 +87,82 @@ def test_always_policy_and_thpeligible() -> None:
     assert e.value.errno == errno.EINVAL
 
 
-def test_read_fault_uses_small_zero_page() -> None:
+def test_read_fault_maps_huge_zero_page_then_write_allocates_thp() -> None:
+    """As observed on 6.18: a read maps the huge zero page (present, PM_FILE, not
+    exclusive, consecutive PFNs, in no smaps counter); a write then maps a THP
+    (``do_huge_zero_wp_pmd``) without any split."""
     k, p, a = _setup()
-    assert p.read(a, 4) == b"\0" * 4
+    assert p.read(a + 5, 4) == b"\0" * 4
+    assert _is_huge(p, a) and _pmd(p, a) & _PAGE_SPECIAL and not _pmd(p, a) & _PAGE_RW
+    e0, e1 = p.pagemap(a), p.pagemap(a + PAGE_SIZE)
+    assert e0 & PM_PRESENT and e0 & PM_FILE and not e0 & PM_MMAP_EXCLUSIVE
+    assert (e1 & PM_PFRAME_MASK) == (e0 & PM_PFRAME_MASK) + 1
+    assert _smaps_field(p, "Rss") == 0 and _smaps_field(p, "AnonHugePages") == 0
+    assert k.phys.vmstat["thp_fault_alloc"] == 0
+    k.check()
+    p.write(a + 3 * PAGE_SIZE, b"x")
+    assert _is_huge(p, a) and not _pmd(p, a) & _PAGE_SPECIAL
+    assert p.read(a + 3 * PAGE_SIZE, 2) == b"x\0" and p.read(a, 1) == b"\0"
+    assert _smaps_field(p, "AnonHugePages") == 2048
+    assert p.pagemap(a) & PM_MMAP_EXCLUSIVE and not p.pagemap(a) & PM_FILE
+    assert k.phys.vmstat["thp_fault_alloc"] == 1 and k.phys.vmstat["thp_split_pmd"] == 0
+    k.check()
+
+
+def test_huge_zero_page_off_read_allocates_thp() -> None:
+    k, p, a = _setup()
+    k.phys.thp_use_zero_page = False
+    p.read(a, 1)
+    assert _is_huge(p, a) and not _pmd(p, a) & _PAGE_SPECIAL
+    assert _smaps_field(p, "AnonHugePages") == 2048
+    k.check()
+
+
+def test_huge_zero_page_write_without_thp_splits_to_zero_ptes() -> None:
+    """No free huge page: the write falls back to a split into 4 KiB zero-page PTEs."""
+    k, p, a = _setup()
+    p.read(a, 1)
+    k.phys.limit_pages = k.phys.pages_in_use + 8
+    p.write(a + PAGE_SIZE, b"y")
     assert not _is_huge(p, a)
-    p.write(a, b"x")  # Linux: huge zero page, then split on write -> 4 KiB pages too
-    assert not _is_huge(p, a)
+    assert p.pagemap(a) & PM_PRESENT and not p.pagemap(a) & PM_FILE  # the 4 KiB zero page
+    assert p.read(a + PAGE_SIZE, 1) == b"y"
+    assert k.phys.vmstat["thp_split_pmd"] == 1 and k.phys.vmstat["thp_fault_fallback"] == 1
+    k.check()
+
+
+@pytest.mark.parametrize("op", ["dontneed", "mprotect", "munmap"])
+def test_partial_change_splits_huge_zero_page(op: str) -> None:
+    """Part of a huge zero PMD changing splits it into 4 KiB zero-page PTEs (6.18: the
+    untouched pages then show the 4 KiB zero page's PFN)."""
+    k, p, a = _setup()
+    p.madvise(a + MIB2, MIB2, MADV_NOHUGEPAGE)
+    p.read(a + MIB2, 1)  # an ordinary 4 KiB zero page to compare PFNs with
+    zero_pfn = p.pagemap(a + MIB2) & PM_PFRAME_MASK
+    p.read(a, 1)
+    if op == "dontneed":
+        p.madvise(a, PAGE_SIZE, MADV_DONTNEED)
+    elif op == "mprotect":
+        p.mprotect(a, PAGE_SIZE, PROT_READ)
+    else:
+        p.munmap(a, PAGE_SIZE)
+    assert not _is_huge(p, a + PAGE_SIZE)
+    assert p.pagemap(a + PAGE_SIZE) & PM_PFRAME_MASK == zero_pfn
+    assert k.phys.vmstat["thp_split_pmd"] == 1 and _smaps_field(p, "Rss") == 0
+    k.check()
+
+
+def test_fork_shares_huge_zero_page() -> None:
+    k, p, a = _setup()
+    p.read(a, 1)
+    child = p.fork()
+    assert _is_huge(child, a) and _pmd(child, a) & _PAGE_SPECIAL
+    child.write(a, b"c")
+    assert p.read(a, 1) == b"\0" and child.read(a, 1) == b"c"
+    assert _is_huge(p, a) and _pmd(p, a) & _PAGE_SPECIAL
+    k.check()
+    child.exit()
+    p.munmap(a, MIB2)
     k.check()
 
 

@@ -58,7 +58,8 @@ def check_mm(mm: MmStruct, maps: Counter[int], entire: Counter[int],
             continue
         pfn = (e & PTE_PFN_MASK) >> PAGE_SHIFT
         if e & _PAGE_SPECIAL:
-            assert pfn == zero_pfn, f"special entry at {addr:#x} is not the zero page"
+            want = zero_pfn if level == "pte" else mm.phys.huge_zero_pfn
+            assert pfn == want, f"special {level} entry at {addr:#x} is not the zero page"
             assert not e & _PAGE_RW, f"writable zero page at {addr:#x}"
             continue
         folio = mem_map[pfn]

@@ -16,7 +16,9 @@ A folio of order *n* covers ``2**n`` consecutive frames and owns one
   large folio.
 
 The shared zero page is special: mapped read-only by anonymous read
-faults, never counted (``vm_normal_page`` returns NULL for it).
+faults, never counted (``vm_normal_page`` returns NULL for it). The *huge*
+zero page is its 2 MiB twin, made on first use (``get_huge_zero_folio``)
+and mapped by special PMD leaves on read faults in THP-eligible ranges.
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ class PhysMem:
         self.runtime: Any = None  # the kernel's runtime: costs are charged to it
         self.hugetlb: Any = None  # the hugetlb pool (vmemu.mmu.hugetlb), made on first use
         self.thp_enabled = "madvise"  # /sys/kernel/mm/transparent_hugepage/enabled
+        self.thp_use_zero_page = True  # /sys/kernel/mm/transparent_hugepage/use_zero_page
         self.vmstat: Counter[str] = Counter()  # /proc/vmstat events (thp_fault_alloc, ...)
         zero = Folio(pfn=self._take_pfns(0), order=0, data=bytearray(PAGE_SIZE),
                      flags=PG.zero | PG.uptodate | PG.locked)
@@ -159,6 +162,27 @@ class PhysMem:
         self.zero_folio = zero
         self.zero_pfn = zero.pfn
         self.zero_data = bytes(PAGE_SIZE)
+        self.huge_zero_folio: Folio | None = None
+        self.huge_zero_pfn = -1  # no frame until the huge zero page exists
+
+    def get_huge_zero_folio(self) -> Folio:
+        """The huge zero page, allocated on first use (``mm_get_huge_zero_folio``).
+
+        Like the 4 KiB zero page it is never counted against the memory
+        limit nor freed; vmstat ``thp_zero_page_alloc`` counts its creation.
+        """
+        folio = self.huge_zero_folio
+        if folio is None:
+            order = 9  # HPAGE_PMD_ORDER
+            n = 1 << order
+            pfn = self._take_pfns(order)
+            folio = Folio(pfn=pfn, order=order, data=bytearray(n * PAGE_SIZE),
+                          flags=PG.zero | PG.large | PG.uptodate | PG.locked)
+            self.mem_map[pfn:pfn + n] = [folio] * n
+            self.huge_zero_folio = folio
+            self.huge_zero_pfn = pfn
+            self.vmstat["thp_zero_page_alloc"] += 1
+        return folio
 
     def _take_pfns(self, order: int) -> int:
         free = self._free.get(order)
@@ -307,11 +331,12 @@ class PhysMem:
                             self.limit_pages, self.oom_failures)
 
     def live_folios(self) -> list[Folio]:
-        """Every allocated folio except the zero page, for ``mm.check()``."""
+        """Every allocated folio except the zero pages, for ``mm.check()``."""
         seen: list[Folio] = []
         last = None
         for obj in self.mem_map:
-            if isinstance(obj, Folio) and obj is not last and obj is not self.zero_folio:
+            if isinstance(obj, Folio) and obj is not last and obj is not self.zero_folio and \
+                    obj is not self.huge_zero_folio:
                 seen.append(obj)
                 last = obj
         return seen

@@ -13,12 +13,17 @@ memory.
 * **Faults** (:func:`do_huge_pmd_anonymous_page`): a *write* fault on an
   empty PMD of an eligible range allocates an order-9 folio and maps it with
   one PMD leaf; allocation failure falls back to 4 KiB pages, as Linux does.
-  A *read* fault falls back to the 4 KiB zero page. Linux maps the huge
-  zero page instead, and splits it into 4 KiB pages on the first write
-  (``do_huge_pmd_wp_page`` -> fallback), so both end with 4 KiB pages after
-  a read-then-write; only pagemap's PFNs of untouched neighbours differ.
-  A VMA registered for userfaultfd MISSING hands the write fault to
-  ``handle_userfault``; uffd-wp VMAs always use 4 KiB pages here.
+  A *read* fault maps the huge zero page with one special, read-only PMD
+  leaf (``transparent_hugepage/use_zero_page``, on by default; off, a read
+  allocates like a write). A later write replaces it with a fresh THP
+  (``do_huge_zero_wp_pmd``, Linux 6.13+), or splits it into 4 KiB zero-page
+  PTEs when no huge page can be had. smaps counts the huge zero page
+  nowhere; pagemap shows it present, with PM_FILE, as 6.18 does.
+* **userfaultfd**: in a VMA registered for MISSING, both read and write
+  faults on an empty PMD reach ``handle_userfault`` from here, before
+  anything is allocated: the PMD stays none, so a later UFFDIO_MOVE of a
+  whole aligned 2 MiB moves a PMD instead of splitting. uffd-wp VMAs
+  otherwise use 4 KiB pages here (vmemu keeps uffd-wp at PTE level).
 * **COW**: fork shares the PMD write-protected; a write to it reuses the
   folio if nobody else maps it, otherwise splits the PMD and lets the 4 KiB
   path copy (``do_huge_pmd_wp_page``).
@@ -139,8 +144,6 @@ def create_huge_pmd(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any)
         from vmemu.mmu.hugetlb import hugetlb_fault
 
         return hugetlb_fault(mm, vma, address, flags, task)
-    if not flags & FAULT_FLAG_WRITE or vma.vm_flags & VM_UFFD_WP:
-        return VmFault.FALLBACK
     haddr = address & HPAGE_PMD_MASK
     if not thp_vma_suitable(vma, haddr) or not thp_vma_allowable(mm.phys, vma):
         return VmFault.FALLBACK
@@ -152,19 +155,49 @@ def create_huge_pmd(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any)
     return do_huge_pmd_anonymous_page(mm, vma, address, flags, task, pmd, idx)
 
 
+def is_huge_zero_pmd(entry: int) -> bool:
+    """True for a PMD leaf of the huge zero page (``is_huge_zero_pmd``): the only special one."""
+    return bool(entry & _PAGE_SPECIAL)
+
+
+def mk_huge_zero_pmd(mm: MmStruct, vma: Vma) -> int:
+    """A read-only, special PMD leaf of the huge zero page (``set_huge_zero_folio``)."""
+    zero = mm.phys.get_huge_zero_folio()
+    return ((zero.pfn << PAGE_SHIFT) | vm_get_page_prot(vma.vm_flags) | _PAGE_PSE |
+            _PAGE_SPECIAL) & ~_PAGE_RW
+
+
 def do_huge_pmd_anonymous_page(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any,
                                pmd: list[int], idx: int) -> VmFault:
-    """Map a fresh zeroed order-9 folio with one PMD leaf (``do_huge_pmd_anonymous_page``)."""
+    """Fill an empty PMD of an eligible range (``do_huge_pmd_anonymous_page``).
+
+    A read maps the huge zero page; a write maps a fresh zeroed order-9
+    folio. A MISSING-registered VMA hands either to ``handle_userfault``
+    with the PMD still none.
+    """
     haddr = address & HPAGE_PMD_MASK
     av = anon_vma_prepare(vma)
     if vma.vm_flags & VM_UFFD_MISSING:
         vmf = VmFaultInfo(vma, address & PAGE_MASK, address, flags,
                           vma.linear_page_index(address), pmd, idx, 0, task)
         return handle_userfault(vmf, VM_UFFD_MISSING)
+    if vma.vm_flags & VM_UFFD_WP:
+        return VmFault.FALLBACK  # vmemu keeps uffd-wp ranges at 4 KiB
+    if not flags & FAULT_FLAG_WRITE and mm.phys.thp_use_zero_page:
+        pmd[idx] = mk_huge_zero_pmd(mm, vma)
+        return VmFault.NONE
     folio = mm.phys.alloc_folio(HPAGE_PMD_ORDER)
     if folio is None:
         count_vm_event(mm.phys, "thp_fault_fallback")
         return VmFault.FALLBACK
+    _map_anon_folio_pmd(mm, vma, haddr, folio, av, pmd, idx)
+    count_vm_event(mm.phys, "thp_fault_alloc")
+    return VmFault.NONE
+
+
+def _map_anon_folio_pmd(mm: MmStruct, vma: Vma, haddr: int, folio: Folio, av: Any,
+                        pmd: list[int], idx: int) -> None:
+    """Map a new anonymous THP writable by one PMD leaf (``map_anon_folio_pmd``)."""
     folio.flags = _ANON_THP_FLAGS
     folio.mapping = av
     folio.index = vma.linear_page_index(haddr)
@@ -175,8 +208,6 @@ def do_huge_pmd_anonymous_page(mm: MmStruct, vma: Vma, address: int, flags: int,
     if vma.vm_flags & VM_WRITE:
         entry |= _PAGE_RW
     pmd[idx] = entry
-    count_vm_event(mm.phys, "thp_fault_alloc")
-    return VmFault.NONE
 
 
 def huge_pmd_fault(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any) -> VmFault:
@@ -209,6 +240,8 @@ def do_huge_pmd_wp_page(mm: MmStruct, vma: Vma, address: int, pmd: list[int],
         return VmFault.SIGSEGV
     e = pmd[idx]
     haddr = address & HPAGE_PMD_MASK
+    if is_huge_zero_pmd(e):
+        return do_huge_zero_wp_pmd(mm, vma, haddr, pmd, idx)
     folio = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
     if folio.flags & PG.anon and (folio.flags & PG.anon_exclusive or
                                   folio.refcount == folio.mapcount == 1):
@@ -218,6 +251,24 @@ def do_huge_pmd_wp_page(mm: MmStruct, vma: Vma, address: int, pmd: list[int],
         mm.stats_wp_reuse += 1
         return VmFault.NONE
     split_huge_pmd(mm, vma, haddr)
+    return VmFault.NONE
+
+
+def do_huge_zero_wp_pmd(mm: MmStruct, vma: Vma, haddr: int, pmd: list[int],
+                        idx: int) -> VmFault:
+    """A write to the huge zero page: map a fresh THP instead (``do_huge_zero_wp_pmd``).
+
+    Without a free huge page the PMD is split into 4 KiB zero-page PTEs and
+    the retried access copies one page (the fallback of ``do_huge_pmd_wp_page``).
+    """
+    folio = mm.phys.alloc_folio(HPAGE_PMD_ORDER)
+    if folio is None:
+        count_vm_event(mm.phys, "thp_fault_fallback")
+        split_huge_pmd(mm, vma, haddr)
+        return VmFault.NONE
+    _map_anon_folio_pmd(mm, vma, haddr, folio, anon_vma_prepare(vma), pmd, idx)
+    mm.tlb.flush_range(haddr, haddr + PMD_SIZE)
+    count_vm_event(mm.phys, "thp_fault_alloc")
     return VmFault.NONE
 
 
@@ -247,6 +298,15 @@ def split_huge_pmd(mm: MmStruct, vma: Vma, addr: int) -> bool:
     if not e or pmd is None:
         return False
     haddr = addr & HPAGE_PMD_MASK
+    if is_huge_zero_pmd(e):  # __split_huge_zero_page_pmd: 512 PTEs of the 4 KiB zero page
+        table_pfn, table = mm.phys.alloc_table()
+        mm.pgtables.nr_tables += 1
+        zpte = (mm.phys.zero_pfn << PAGE_SHIFT) | (e & ~PTE_PFN_MASK & ~_PAGE_PSE)
+        table[:] = [zpte] * HPAGE_PMD_NR
+        pmd[idx] = (table_pfn << PAGE_SHIFT) | _PAGE_TABLE
+        mm.tlb.flush_range(haddr, haddr + PMD_SIZE)
+        count_vm_event(mm.phys, "thp_split_pmd")
+        return True
     folio = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
     flags = e & ~PTE_PFN_MASK & ~_PAGE_PSE
     base = folio.pfn
@@ -371,7 +431,7 @@ def madvise_free_huge_pmd(mm: MmStruct, vma: Vma, start: int, end: int) -> None:
     while addr < end:
         lo, hi = max(addr, start), min(addr + PMD_SIZE, end)
         pmd, idx, e = _huge_leaf(mm, addr)
-        if e and pmd is not None:
+        if e and pmd is not None and not is_huge_zero_pmd(e):
             folio = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
             if folio.flags & PG.hugetlb or folio_maybe_mapped_shared(folio):
                 pass
@@ -413,7 +473,10 @@ def zap_huge_pmds(mm: MmStruct, vma: Vma, start: int, end: int,
     addr = (start + PMD_SIZE - 1) & HPAGE_PMD_MASK
     while addr + PMD_SIZE <= end:
         pmd, idx, e = _huge_leaf(mm, addr)
-        if e and pmd is not None:
+        if e and pmd is not None and is_huge_zero_pmd(e):
+            pmd[idx] = 0  # nothing to put: the huge zero page is never counted
+            mm.tlb.flush_range(addr, addr + PMD_SIZE)
+        elif e and pmd is not None:
             folio = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
             pmd[idx] = 0
             if e & _PAGE_DIRTY:
@@ -438,11 +501,12 @@ def copy_huge_pmds(src: MmStruct, dst: MmStruct, src_vma: Vma, dst_vma: Vma,
     while addr + PMD_SIZE <= src_vma.vm_end:
         pmd, idx, e = _huge_leaf(src, addr)
         if e and pmd is not None:
-            folio = src.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
-            folio.flags &= ~PG.anon_exclusive
-            folio.mapcount += 1
-            folio.entire_mapcount += 1
-            folio.refcount += 1
+            if not is_huge_zero_pmd(e):
+                folio = src.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+                folio.flags &= ~PG.anon_exclusive
+                folio.mapcount += 1
+                folio.entire_mapcount += 1
+                folio.refcount += 1
             if cow and e & _PAGE_RW:
                 e &= ~_PAGE_RW
                 pmd[idx] = e
@@ -468,7 +532,9 @@ def change_huge_pmds(mm: MmStruct, vma: Vma, start: int, end: int) -> None:
     addr = start & HPAGE_PMD_MASK
     while addr < end:
         pmd, idx, e = _huge_leaf(mm, addr)
-        if e and pmd is not None:
+        if e and pmd is not None and is_huge_zero_pmd(e):
+            pmd[idx] = ((e & keep) | prot | _PAGE_SPECIAL) & ~_PAGE_RW  # never writable
+        elif e and pmd is not None:
             new = (e & keep) | prot
             folio = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
             if vma.vm_flags & VM_WRITE and not vma.vm_flags & VM_SHARED and \

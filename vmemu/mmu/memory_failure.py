@@ -77,7 +77,7 @@ def memory_failure(phys: PhysMem, pfn: int, current: MmStruct | None) -> int | N
     already poisoned and EBUSY for a frame it cannot handle.
     """
     folio = phys.mem_map[pfn]
-    if not isinstance(folio, Folio) or folio is phys.zero_folio:
+    if not isinstance(folio, Folio) or folio.flags & PG.zero:
         raise_errno(errno.EBUSY, "not a user page (me_kernel)")
     if folio.test(PG.hwpoison):
         raise_errno(EHWPOISON, "page already poisoned")
@@ -123,6 +123,8 @@ def _gup_one(mm: MmStruct, addr: int) -> int:
     assert pmd is not None
     me = pmd[(addr >> 21) & 511]
     if me & _PAGE_PSE:
+        if me & _PAGE_SPECIAL:
+            raise_errno(errno.EBUSY, "the huge zero page (me_kernel)")
         return ((me & PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
     pte = mm.pgtables.get_pte(addr)
     assert pte & (_PAGE_PRESENT | _PAGE_PROTNONE)

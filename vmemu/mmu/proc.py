@@ -290,6 +290,8 @@ def pagemap_entry(mm: MmStruct, addr: int) -> int:
                     flags |= PM_FILE
                 if page_mapcount(folio, "pmd" if me & _PAGE_PSE else "pte") == 1:
                     flags |= PM_MMAP_EXCLUSIVE
+        elif me & _PAGE_PSE:
+            flags |= PM_FILE  # the huge zero page: pmd_page() is no anon page (observed on 6.18)
     elif is_uffd_wp_marker(e):
         flags |= PM_UFFD_WP
     elif is_real_swap_pte(e):

@@ -428,8 +428,8 @@ def _huge_pmd_folios(mm: MmStruct, start: int, end: int, out: list[Folio]) -> No
         lo, hi = max(addr, start), min(addr + _PMD_SIZE, end)
         pmd = mm.pgtables.pmd_table(addr, False)
         e = pmd[(addr >> 21) & 511] if pmd is not None else 0
-        if e & _PAGE_PSE and e & (_PAGE_PRESENT | _PAGE_PROTNONE):
-            folio = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+        if e & _PAGE_PSE and e & (_PAGE_PRESENT | _PAGE_PROTNONE) and not e & _PAGE_SPECIAL:
+            folio = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]  # a THP (not the huge zero page)
             if isinstance(folio, Folio) and not folio.flags & PG_HUGETLB and \
                     not folio_maybe_mapped_shared(folio):
                 if hi - lo != _PMD_SIZE:

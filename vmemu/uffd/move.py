@@ -34,6 +34,7 @@ from vmemu.mmu.pgtable import (
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
     _PAGE_SPECIAL,
+    _PAGE_UFFD_WP,
     PTE_PFN_MASK,
     is_real_swap_pte,
     pte_swp_exclusive,
@@ -81,9 +82,18 @@ def _pmd(mm: Any, addr: int, alloc: bool) -> tuple[list[int] | None, int]:
 
 
 def _move_huge_pmd(mm: Any, src_vma: Vma, dst_vma: Vma, src_pmd: list[int], si: int,
-                   dst_pmd: list[int], di: int, dst: int) -> None:
-    """Move a whole PMD-mapped THP (``move_pages_huge_pmd``)."""
+                   dst_pmd: list[int], di: int, dst: int, src: int) -> None:
+    """Move a whole PMD-mapped THP (``move_pages_huge_pmd``).
+
+    The huge zero page moves as it is: no folio to re-root.
+    """
     e = src_pmd[si]
+    if e & _PAGE_SPECIAL:
+        src_pmd[si] = 0
+        dst_pmd[di] = (e | _PAGE_SOFT_DIRTY) & ~_PAGE_UFFD_WP
+        mm.tlb.flush_range(src, src + PMD_SIZE)  # pmdp_huge_clear_flush
+        mm.tlb.flush_range(dst, dst + PMD_SIZE)
+        return
     folio = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
     if not folio.flags & PG.anon_exclusive:
         raise MfillError(errno.EBUSY)
@@ -91,6 +101,7 @@ def _move_huge_pmd(mm: Any, src_vma: Vma, dst_vma: Vma, src_pmd: list[int], si: 
     folio.mapping = anon_vma_prepare(dst_vma)
     folio.index = dst_vma.linear_page_index(dst)
     dst_pmd[di] = e | _PAGE_RW | _PAGE_SOFT_DIRTY
+    mm.tlb.flush_range(src, src + PMD_SIZE)  # pmdp_huge_clear_flush
     mm.tlb.flush_range(dst, dst + PMD_SIZE)
 
 
@@ -242,10 +253,10 @@ def _move_one(mm: Any, src_vma: Vma, dst_vma: Vma, s: int, d: int, src_end: int,
     if src_pmd is not None and src_pmd[si] & _PAGE_PSE:
         whole = not (s & (PMD_SIZE - 1)) and not (d & (PMD_SIZE - 1)) and s + PMD_SIZE <= src_end
         if whole and not dst_pmd[di]:
-            _move_huge_pmd(mm, src_vma, dst_vma, src_pmd, si, dst_pmd, di, d)
+            _move_huge_pmd(mm, src_vma, dst_vma, src_pmd, si, dst_pmd, di, d, s)
             return PMD_SIZE
         folio = mm.phys.mem_map[(src_pmd[si] & PTE_PFN_MASK) >> PAGE_SHIFT]
-        if not folio.flags & PG.anon_exclusive:
+        if not folio.flags & (PG.anon_exclusive | PG.zero):
             raise MfillError(errno.EBUSY)
         mm.split_huge_range(src_vma, s, s + PAGE_SIZE)
     move_pte(mm, src_vma, dst_vma, s, d, mode)
