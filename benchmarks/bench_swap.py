@@ -15,6 +15,8 @@ Each repetition measures, on a fresh machine with a swap device backed by a
 * ``pressure``: a write sweep over 4x the memory limit, twice, so every
   page is reclaimed by the memory limit's hook and read back - the cost
   per page of the whole sweep (fault, reclaim, swap-in);
+* ``THP PAGEOUT + fault``: ``MADV_PAGEOUT`` of one 2 MiB THP (split into
+  512 pages, each swapped out) and a read of each page, per page;
 
 each as a ratio to one plain copy of a 4 KiB ``bytes`` object measured in
 the same repetition (the cheapest thing a page round trip must do twice).
@@ -34,7 +36,8 @@ sys.path.insert(1, os.path.dirname(_HERE))  # run from a checkout without instal
 
 from _harness import Scenario, format_table, run_round_robin, timed  # noqa: E402
 
-from vmemu import MADV_PAGEOUT, PAGE_SIZE, Kernel  # noqa: E402
+from vmemu import MADV_HUGEPAGE, MADV_PAGEOUT, PAGE_SIZE, Kernel  # noqa: E402
+from vmemu.constants import PMD_SIZE  # noqa: E402
 
 COPIES = 20000
 
@@ -59,6 +62,8 @@ class SwapRoundTrip(Scenario):
         self.metric("pageout_us", "PAGEOUT + fault / page", "us", fmt="{:.1f}")
         self.metric("pressure", "pressure sweep / page / copy", "x", fmt="{:.0f}")
         self.metric("pressure_us", "pressure sweep / page", "us", fmt="{:.1f}")
+        self.metric("thp", "THP PAGEOUT + fault / page / copy", "x", fmt="{:.0f}")
+        self.metric("thp_us", "THP PAGEOUT + fault / page", "us", fmt="{:.1f}")
 
     def _pageout_round_trip(self) -> float:
         k = Kernel()
@@ -95,6 +100,24 @@ class SwapRoundTrip(Scenario):
         assert k.swap_statistics().pswpin >= n - limit
         return t / (2 * n)
 
+    def _thp_round_trip(self) -> float:
+        k = Kernel()
+        k.swapon(pages=600)
+        p = k.spawn()
+        a = p.mmap(0, PMD_SIZE)
+        p.madvise(a, PMD_SIZE, MADV_HUGEPAGE)
+        for i in range(512):
+            p.write(a + i * PAGE_SIZE, i.to_bytes(8, "little"))
+
+        def run() -> None:
+            p.madvise(a, PMD_SIZE, MADV_PAGEOUT)
+            for i in range(512):
+                p.read(a + i * PAGE_SIZE, 8)
+
+        t = timed(run)
+        assert k.phys.vmstat["thp_swpout_fallback"] == 1 and k.swap_statistics().pswpin == 512
+        return t / 512
+
     def run_once(self) -> None:
         ref = timed(lambda: copy_4k(COPIES)) / COPIES
         self.record("copy", ref * 1e6)
@@ -104,6 +127,9 @@ class SwapRoundTrip(Scenario):
         t = self._pressure_sweep()
         self.record("pressure", t / ref)
         self.record("pressure_us", t * 1e6)
+        t = self._thp_round_trip()
+        self.record("thp", t / ref)
+        self.record("thp_us", t * 1e6)
 
 
 def main() -> None:
