@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import vmemu
@@ -200,6 +200,16 @@ ops = st.lists(st.tuples(st.sampled_from(["copy", "zeropage", "move", "wp", "con
        cache=st.lists(st.booleans(), min_size=NPAGES, max_size=NPAGES),
        mapped=st.lists(st.booleans(), min_size=NPAGES, max_size=NPAGES),
        calls=ops)
+# runs with nothing in the way (the examples drawn at random rarely have 8 in a row)
+@example(dst=["none"] * NPAGES, src=["data"] * NPAGES, wp_pages=[], cache=[True] * NPAGES,
+         mapped=[False] * NPAGES,
+         calls=[("move", 0, NPAGES, 0), ("wp", 0, NPAGES, 1), ("wp", 3, 17, 0),
+                ("continue", 1, 22, 0), ("dontneed", 0, 20, 0), ("copy", 2, 21, 1),
+                ("zeropage", 0, NPAGES, 0), ("move", 0, NPAGES, 1)])
+@example(dst=["data"] * 6 + ["none"] * 18, src=["data"] * 14 + ["zero"] + ["data"] * 9,
+         wp_pages=[20], cache=[True] * NPAGES, mapped=[True, False] * 12,
+         calls=[("move", 6, 18, 0), ("zeropage", 0, NPAGES, 0), ("wp", 0, NPAGES, 1),
+                ("wp", 0, NPAGES, 0), ("continue", 0, NPAGES, 0)])
 def test_runs_match_the_page_loop(dst: list[str], src: list[str], wp_pages: list[int],
                                   cache: list[bool], mapped: list[bool],
                                   calls: list[tuple[Any, ...]]) -> None:

@@ -21,6 +21,8 @@ loop.
 from __future__ import annotations
 
 import errno
+from functools import reduce
+from operator import and_, attrgetter, itemgetter, or_
 from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
@@ -60,8 +62,10 @@ UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = 1 << 1
 
 def validate_move_areas(ctx: Userfaultfd, src_vma: Vma, dst_vma: Vma) -> None:
     """EINVAL unless both VMAs may take part in a move (``validate_move_areas``)."""
-    if (src_vma.vm_flags & VM_ACCESS_FLAGS) != (dst_vma.vm_flags & VM_ACCESS_FLAGS) or \
-            vm_get_page_prot(src_vma.vm_flags) != vm_get_page_prot(dst_vma.vm_flags):
+    sf, df = src_vma.vm_flags, dst_vma.vm_flags
+    # the protections can only differ when the access flags or VM_SHARED do
+    if (sf & VM_ACCESS_FLAGS) != (df & VM_ACCESS_FLAGS) or \
+            (sf ^ df) & VM_SHARED and vm_get_page_prot(sf) != vm_get_page_prot(df):
         raise MfillError(errno.EINVAL)
     if (src_vma.vm_flags & VM_LOCKED) != (dst_vma.vm_flags & VM_LOCKED):
         raise MfillError(errno.EINVAL)
@@ -155,15 +159,45 @@ def move_pte(mm: Any, src_vma: Vma, dst_vma: Vma, src: int, dst: int, mode: int)
 
 # folio.flags may be a PG (an IntFlag, whose ``&`` is a Python call): test the bit by shifting
 _ANON_EXCLUSIVE_SHIFT = PG.anon_exclusive.bit_length() - 1
+_order = attrgetter("order")
+_flags = attrgetter("flags")
 
 
-def _move_run(mm: Any, dst_vma: Vma, s: int, d: int, npages: int) -> int:
+def _move_whole_run(src_tab: list[int], si: int, dst_tab: list[int], di: int, n: int,
+                    mem_map: list[Any], add: int, av: Any, index: int) -> bool:
+    """Move ``n`` entries at once if every one qualifies (else False, nothing changed).
+
+    The tests of the page loop, done over the whole slice with C-level
+    helpers: the AND of the source entries has the present bit only if all
+    are present, their OR has the special bit if any is the zero page; the
+    destination slice must be all empty, the folios all small and exclusive.
+    """
+    seg = src_tab[si:si + n]
+    if not reduce(and_, seg) & _PAGE_PRESENT or reduce(or_, seg) & _PAGE_SPECIAL or \
+            any(dst_tab[di:di + n]):
+        return False
+    folios = itemgetter(*[(e & PTE_PFN_MASK) >> PAGE_SHIFT for e in seg])(mem_map)
+    if any(map(_order, folios)) or \
+            not reduce(and_, map(int, map(_flags, folios))) >> _ANON_EXCLUSIVE_SHIFT & 1:
+        return False
+    for i, folio in enumerate(folios, index):
+        folio.mapping = av
+        folio.index = i
+    keep = PTE_PFN_MASK | _PAGE_DIRTY
+    dst_tab[di:di + n] = [(e & keep) | add for e in seg]
+    src_tab[si:si + n] = [0] * n
+    return True
+
+
+def _move_run(mm: Any, s: int, d: int, npages: int, add: int, av: Any, index: int) -> int:
     """Move ordinary pages from ``s`` to ``d`` within one PTE table each; pages moved (maybe 0).
 
     ``move_pages_pte`` for each page in turn, without the calls: the run
     stops before the first page that is not a present, small, exclusive
     anonymous page, or whose destination is not empty. Each moved folio is
-    re-rooted in the destination's anon_vma at its new index.
+    re-rooted in the destination's anon_vma ``av`` at its new index (the
+    destination's page index of ``d`` is ``index``); the new entry is the
+    destination VMA's protection ``add`` plus the old entry's dirty bit.
     """
     pgtables = mm.pgtables
     src_pmd = pgtables.pmd_table(s, False)
@@ -178,15 +212,14 @@ def _move_run(mm: Any, dst_vma: Vma, s: int, d: int, npages: int) -> int:
         return 0
     mem_map = mm.phys.mem_map
     src_tab = mem_map[(se & PTE_PFN_MASK) >> PAGE_SHIFT]
-    dst_tab = pgtables.pte_table(d, True)
+    dst_tab = mem_map[(de & PTE_PFN_MASK) >> PAGE_SHIFT] if de else pgtables.pte_table(d, True)
     si, di = (s >> PAGE_SHIFT) & 511, (d >> PAGE_SHIFT) & 511
     n = min(npages, 512 - si, 512 - di)
-    add = vm_get_page_prot(dst_vma.vm_flags) | _PAGE_SOFT_DIRTY
-    if dst_vma.vm_flags & VM_WRITE:
-        add |= _PAGE_RW
-    av = anon_vma_prepare(dst_vma)
-    index = dst_vma.linear_page_index(d)
     shift = _ANON_EXCLUSIVE_SHIFT
+    if n >= 8 and _move_whole_run(src_tab, si, dst_tab, di, n, mem_map, add, av, index):
+        mm.tlb.flush_range(s, s + (n << PAGE_SHIFT))
+        mm.tlb.flush_range(d, d + (n << PAGE_SHIFT))
+        return n
     k = 0
     while k < n:
         spte = src_tab[si + k]
@@ -201,7 +234,10 @@ def _move_run(mm: Any, dst_vma: Vma, s: int, d: int, npages: int) -> int:
         folio.index = index + k
         dst_tab[di + k] = (pfn << PAGE_SHIFT) | add | (spte & _PAGE_DIRTY)
         k += 1
-    if k:
+    if k == 1:
+        mm.tlb.flush_page(s)
+        mm.tlb.flush_page(d)
+    elif k:
         mm.tlb.flush_range(s, s + (k << PAGE_SHIFT))
         mm.tlb.flush_range(d, d + (k << PAGE_SHIFT))
     return k
@@ -221,11 +257,16 @@ def move_pages(ctx: Userfaultfd, dst: int, src: int, length: int, mode: int) -> 
                 dst_vma.vm_flags & VM_SHARED or dst + length > dst_vma.vm_end:
             raise MfillError(errno.EINVAL)
         validate_move_areas(ctx, src_vma, dst_vma)
-        anon_vma_prepare(dst_vma)
+        av = anon_vma_prepare(dst_vma)
+        add = vm_get_page_prot(dst_vma.vm_flags) | _PAGE_SOFT_DIRTY  # what move_pte gives
+        if dst_vma.vm_flags & VM_WRITE:
+            add |= _PAGE_RW
+        index = dst_vma.linear_page_index(dst)
         moved = 0
         while moved < length:
             s, d = src + moved, dst + moved
-            n = _move_run(mm, dst_vma, s, d, (length - moved) >> PAGE_SHIFT)
+            n = _move_run(mm, s, d, (length - moved) >> PAGE_SHIFT, add, av,
+                          index + (moved >> PAGE_SHIFT))
             if n:
                 moved += n << PAGE_SHIFT
                 continue

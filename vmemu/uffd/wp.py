@@ -158,7 +158,10 @@ def _wp_one_table(mm: Any, vma: Vma, start: int, end: int, enable: bool,
     try_writable = bool(vma.vm_flags & VM_WRITE) and not vma.vm_flags & VM_SHARED
     _wp_entries(table, lo, hi, enable, markers, vm_get_page_prot(vma.vm_flags), try_writable,
                 mem_map)
-    mm.tlb.flush_range(start, end)
+    if hi - lo == 1:
+        mm.tlb.flush_page(start)
+    else:
+        mm.tlb.flush_range(start, end)
     return True
 
 
@@ -204,7 +207,8 @@ def mwriteprotect_range(ctx: Userfaultfd, start: int, length: int, enable: bool)
     with mm.lock:
         if ctx.mmap_changing:
             raise_errno(errno.EAGAIN)
-        vmas = mm.vmas.overlapping(start, end)
+        vma = mm.vmas.vma_lookup(start)  # the common case: one VMA covers the range
+        vmas = [vma] if vma is not None and end <= vma.vm_end else mm.vmas.overlapping(start, end)
         if not vmas:
             raise_errno(errno.ENOENT)
         for vma in vmas:
