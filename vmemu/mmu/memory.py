@@ -303,15 +303,17 @@ def do_wp_page(mm: MmStruct, vmf: VmFaultInfo) -> VmFault:
     """
     vma = vmf.vma
     pte = vmf.orig_pte
-    if pte & _PAGE_UFFD_WP:
+    if pte & _PAGE_UFFD_WP and vma.vm_flags & VM_UFFD_WP:  # userfaultfd_pte_wp
         ctx = vma.vm_userfaultfd_ctx
-        if vma.vm_flags & VM_UFFD_WP and not (ctx is not None and ctx.wp_async):
+        if not (ctx is not None and ctx.wp_async):
             if ctx is None:  # handle_userfault(vmf, VM_UFFD_WP), inlined
                 return VmFault.SIGBUS
             return ctx.handle_userfault(vmf, VM_UFFD_WP)
-        pte &= ~_PAGE_UFFD_WP  # WP_ASYNC, or a stale bit after unregister
+        pte &= ~_PAGE_UFFD_WP  # WP_ASYNC resolves the fault by dropping the bit
         vmf.table[vmf.idx] = pte
         vmf.orig_pte = pte
+    # A stale bit (the VMA lost VM_UFFD_WP by a re-register) stays: reuse keeps the PTE's
+    # bits, so a later COW write-protect (fork) makes it a uffd-wp fault again.
     if not vma.vm_flags & VM_WRITE:
         return VmFault.SIGSEGV
     pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT

@@ -35,6 +35,7 @@ from vmemu.mmu.pgtable import (
     _PAGE_SPECIAL,
     PTE_PFN_MASK,
     UFFD_WP_MARKER,
+    is_poisoned_marker,
     is_real_swap_pte,
     pte_swp_clear_exclusive,
     pte_swp_clear_uffd_wp,
@@ -310,6 +311,8 @@ class MmStruct:
                     if is_real_swap_pte(pte):
                         self.free_swap_pte(pte)
                         table[idx] = 0
+                    elif is_poisoned_marker(pte):
+                        table[idx] = 0  # a UFFDIO_POISON marker goes; a uffd-wp one stays
                     continue
                 if pte & _PAGE_SPECIAL:
                     continue

@@ -435,6 +435,8 @@ def _check_dst_vma(ctx: Userfaultfd, vma: Vma | None, dst: int, length: int, mod
         raise MfillError(errno.EINVAL)  # handled by mfill_atomic_hugetlb before we get here
     if mode is MfillMode.CONTINUE and vma.vm_file is None:
         raise MfillError(errno.EINVAL)
+    if vma.anon_vma is None and not vma.vm_flags & VM_SHARED:
+        anon_vma_prepare(vma)  # any op, even a POISON marker: fork then copies the VMA's PTEs
 
 
 def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp: bool) -> int:
@@ -469,6 +471,8 @@ def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp:
             else:
                 if mode is MfillMode.CONTINUE and vma.vm_file is None:
                     raise MfillError(errno.EINVAL)
+                if vma.anon_vma is None and not vma.vm_flags & VM_SHARED:
+                    anon_vma_prepare(vma)  # as _check_dst_vma (a COPY's new folio does it)
                 mfill_pte(ctx, vma, dst, mode, wp, None)
                 return PAGE_SIZE
     if hugetlb:
