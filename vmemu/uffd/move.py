@@ -40,6 +40,7 @@ from vmemu.mmu.pgtable import (
     PTE_PFN_MASK,
     is_real_swap_pte,
     pte_swp_exclusive,
+    swp_entry_clean,
 )
 from vmemu.mmu.vma import (
     VM_ACCESS_FLAGS,
@@ -152,13 +153,39 @@ def move_pte(mm: Any, src_vma: Vma, dst_vma: Vma, src: int, dst: int, mode: int)
         raise MfillError(errno.EFAULT)
     if not pte_swp_exclusive(spte):
         raise MfillError(errno.EBUSY)
-    mm.move_swap_pte(src_vma, dst_vma, src, dst, spte)
+    move_swap_pte(mm, dst_vma, dst, spte)
     src_tab[si] = 0
     dst_tab[di] = spte
 
 
+def move_swap_pte(mm: Any, dst_vma: Vma, dst: int, spte: int) -> None:
+    """Before a swap entry moves: re-root its swap-cache folio, if any (``move_swap_pte``).
+
+    The entry itself moves as it is (no swap-in); a folio still in the
+    swap cache (mapped before, or read ahead by MADV_WILLNEED) gets the
+    destination's anon_vma and index, so a later swap-in at the
+    destination finds it where rmap expects it. A large
+    folio there is EBUSY, as in the kernel.
+    """
+    space = mm.phys.swap
+    if space is None:
+        return
+    with space.lock:
+        folio = space.cache.get(swp_entry_clean(spte))
+        if folio is None:
+            return
+        if folio.order:
+            raise MfillError(errno.EBUSY)
+        # folio_move_anon_rmap: the mapping names the anon_vma, which makes the folio anon
+        # even when it was read ahead (never mapped yet)
+        folio.flags = int(folio.flags) | _PG_ANON
+        folio.mapping = anon_vma_prepare(dst_vma)
+        folio.index = dst_vma.linear_page_index(dst)
+
+
 # folio.flags may be a PG (an IntFlag, whose ``&`` is a Python call): test the bit by shifting
 _ANON_EXCLUSIVE_SHIFT = PG.anon_exclusive.bit_length() - 1
+_PG_ANON = int(PG.anon)
 _order = attrgetter("order")
 _flags = attrgetter("flags")
 
