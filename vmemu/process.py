@@ -364,6 +364,16 @@ class Process:
 
         return access_user(other.mm, addr, n, False)
 
+    def pin_user_pages(self, addr: int, length: int, write: bool = False) -> Any:
+        """Pin pages long-term, as a driver would for DMA (``pin_user_pages(FOLL_LONGTERM)``).
+
+        What CONFIG_GUP_TEST's ``PIN_LONGTERM_TEST_START`` does for the
+        selftests; returns a :class:`vmemu.mmu.gup.PinnedPages` to ``unpin()``.
+        """
+        from vmemu.mmu.gup import pin_user_pages
+
+        return pin_user_pages(self.mm, addr, length, write)
+
     # -- files: memfd and the syscalls on it -----------------------------------
 
     def memfd_create(self, name: str, flags: int = 0) -> int:
@@ -456,7 +466,11 @@ class Process:
         child = Process(self.kernel, name or f"{self.name}-child",
                         mm=MmStruct(self.kernel.phys, self.mm.mmap_base))
         child.capable_sys_ptrace = self.capable_sys_ptrace
-        self.mm.fork(child.mm)
+        try:
+            self.mm.fork(child.mm)
+        except OSError:
+            child.mm.exit_mmap()  # ENOMEM copying a pinned page: the half-made child goes
+            raise
         for fd, f in self.fds.items():
             f.refs += 1
             child.fds[fd] = f

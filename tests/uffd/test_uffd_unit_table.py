@@ -209,9 +209,59 @@ def test_wp_fork_with_event(kind: str) -> None:
     _wp_fork(kind, True)
 
 
+def _fork_check_wp(p: vmemu.Process, u: object, area: Area, with_event: bool,
+                   pin_in_child: bool) -> None:
+    """``pagemap_test_fork``: the child sees the uffd-wp bit exactly with EVENT_FORK."""
+    child_box: list[vmemu.Process] = []
+    t = threading.Thread(target=lambda: child_box.append(p.fork()))
+    t.start()
+    if with_event:
+        _wait_msgs(u, 1)
+        msg = u.read_msgs(32)[0]  # type: ignore[attr-defined]
+        assert isinstance(msg, uapi.ForkMsg)
+    t.join(5)
+    assert not t.is_alive()
+    child = child_box[0]
+    pin = child.pin_user_pages(area.dst, area.page_size) if pin_in_child else None
+    assert bool(child.pagemap(area.dst) & PM_UFFD_WP) == with_event
+    assert child.read(area.dst, 1) == b"\x01"
+    if pin is not None:
+        pin.unpin()
+    child.exit()
+
+
+def _wp_fork_pin(kind: str, with_event: bool) -> None:
+    """``uffd_wp_fork_pin_test_common``: a pinned page forks by early COW (the child's copy
+    keeps uffd-wp only with EVENT_FORK); a read-only pin in the child unshares its page and
+    keeps the bit. The selftest pins through CONFIG_GUP_TEST; vmemu has ``pin_user_pages``."""
+    feats = uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    if with_event:
+        feats |= uapi.UFFD_FEATURE_EVENT_FORK
+    p, area = setup(kind, 1)
+    u = open_uffd(p, feats)
+    u.register(area.dst, area.page_size, WP)
+    p.write(area.dst, b"\x01")
+    u.writeprotect(area.dst, area.page_size, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+    pin = p.pin_user_pages(area.dst, area.page_size)
+    before = p.pagemap(area.dst)
+    _fork_check_wp(p, u, area, with_event, pin_in_child=False)
+    assert p.pagemap(area.dst) == before  # early COW: the parent keeps its page, still wp
+    p.check()
+    pin.unpin()
+    _fork_check_wp(p, u, area, with_event, pin_in_child=True)
+    assert p.pagemap(area.dst) & PM_UFFD_WP and p.read(area.dst, 1) == b"\x01"
+    u.unregister(area.dst, area.page_size)
+    p.check()
+
+
 @pytest.mark.parametrize("kind", MEM_TYPES)
 def test_wp_fork_pin(kind: str) -> None:
-    pytest.skip("needs a long-term GUP pin (CONFIG_GUP_TEST's gup_test); vmemu has no pin API")
+    _wp_fork_pin(kind, False)
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_wp_fork_pin_with_event(kind: str) -> None:
+    _wp_fork_pin(kind, True)
 
 
 @pytest.mark.parametrize("kind", MEM_TYPES)

@@ -70,6 +70,7 @@ class Folio:
     index: int = 0
     private: Any = None
     subpages: list[memoryview] | None = None  # cached 4 KiB views of a large folio
+    pincount: int = 0  # FOLL_PIN references (each also one refcount), ``folio_maybe_dma_pinned``
 
     @property
     def nr_pages(self) -> int:
@@ -103,6 +104,11 @@ class Folio:
         names = [f.name for f in PG if f and self.flags & f]
         return (f"Folio(pfn={self.pfn:#x}, order={self.order}, ref={self.refcount}, "
                 f"map={self.mapcount}, flags={'|'.join(n for n in names if n)})")
+
+
+def folio_maybe_dma_pinned(folio: Folio) -> bool:
+    """True while a FOLL_PIN reference holds the folio (``folio_maybe_dma_pinned``)."""
+    return folio.pincount > 0
 
 
 def folio_maybe_mapped_shared(folio: Folio) -> bool:
@@ -323,7 +329,7 @@ class PhysMem:
             n += 1
         if folio.flags & PG.hwpoison:
             n += 1  # memory_failure keeps the frame out of service
-        return n
+        return n + folio.pincount
 
     def statistics(self) -> PhysMemStats:
         """A frozen snapshot of frame usage."""

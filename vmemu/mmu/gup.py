@@ -12,11 +12,30 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from vmemu.constants import PAGE_SHIFT, PAGE_SIZE
 from vmemu.errors import VmFault, raise_errno
-from vmemu.mmu.memory import FAULT_FLAG_WRITE, handle_mm_fault
-from vmemu.mmu.pgtable import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, PTE_PFN_MASK
-from vmemu.mmu.vma import VM_ACCESS_FLAGS, VM_READ, VM_SHARED, VM_WRITE
+from vmemu.mmu.folio import PG, Folio
+from vmemu.mmu.memory import FAULT_FLAG_WRITE, handle_mm_fault, vm_get_page_prot
+from vmemu.mmu.pgtable import (
+    _PAGE_PRESENT,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SPECIAL,
+    _PAGE_UFFD_WP,
+    PTE_PFN_MASK,
+)
+from vmemu.mmu.vma import (
+    VM_ACCESS_FLAGS,
+    VM_HUGETLB,
+    VM_MAYWRITE,
+    VM_READ,
+    VM_SHARED,
+    VM_WRITE,
+    Vma,
+)
 
 if TYPE_CHECKING:
     from vmemu.mmu.mm import MmStruct
@@ -135,3 +154,152 @@ def access_user(mm: MmStruct, addr: int, n: int, write: bool, data: bytes = b"",
                 out += buf[off:off + chunk]
             done += chunk
     return bytes(out)
+
+
+# -- long-term pins: pin_user_pages(FOLL_PIN | FOLL_LONGTERM) ------------------------------
+
+
+@attrs.define(eq=False)
+class PinnedPages:
+    """Folios held by ``pin_user_pages``; :meth:`unpin` lets them go (``unpin_user_pages``).
+
+    A pin is one reference and one ``pincount`` per pinned page, so the
+    folio outlives an munmap or an exit until it is unpinned, and
+    ``folio_maybe_dma_pinned`` sees it: fork copies a pinned exclusive
+    anonymous page for the child at once (``copy_present_page``) instead of
+    sharing it.
+    """
+
+    phys: Any
+    folios: list[Folio]
+
+    def unpin(self) -> None:
+        """Drop every pin (``unpin_user_pages``); a second call does nothing."""
+        folios, self.folios = self.folios, []
+        for folio in folios:
+            folio.pincount -= 1
+            self.phys.folio_put(folio)
+
+
+def _entry_of(mm: MmStruct, addr: int) -> tuple[list[int], int, int, bool]:
+    """``(table, index, entry, huge)`` of the present page at ``addr`` (after a fault-in)."""
+    pmd = mm.pgtables.pmd_table(addr, False)
+    assert pmd is not None
+    me = pmd[(addr >> 21) & 511]
+    if me & _PAGE_PSE:
+        return pmd, (addr >> 21) & 511, me, True
+    table = mm.pgtables.pte_table(addr, False)
+    assert table is not None
+    idx = (addr >> PAGE_SHIFT) & 511
+    return table, idx, table[idx], False
+
+
+def gup_must_unshare(mm: MmStruct, vma: Vma, addr: int) -> bool:
+    """A read-only long-term pin must not pin a page COW could replace (``gup_must_unshare``).
+
+    True for an anonymous page that is not exclusive to this mapping, and
+    for any other page (page cache, the zero page) of a private writable
+    (COW) mapping: pinning it would let the process and the pin see
+    different pages after the next write.
+    """
+    _t, _i, e, huge = _entry_of(mm, addr)
+    if e & _PAGE_SPECIAL:
+        return is_cow_mapping(vma.vm_flags)
+    pfn = (e & PTE_PFN_MASK) >> PAGE_SHIFT
+    folio = mm.phys.mem_map[pfn]
+    if not folio.flags & PG.anon:
+        return is_cow_mapping(vma.vm_flags)
+    return not folio.flags & PG.anon_exclusive
+
+
+def is_cow_mapping(vm_flags: int) -> bool:
+    """Private and possibly writable: writes copy (``is_cow_mapping``)."""
+    return (vm_flags & (VM_SHARED | VM_MAYWRITE)) == VM_MAYWRITE
+
+
+def gup_unshare(mm: MmStruct, vma: Vma, addr: int) -> None:
+    """Give this mapping its own exclusive copy, still read-only (``FAULT_FLAG_UNSHARE``).
+
+    The write-fault path without the write: an anonymous page nobody else
+    holds is just marked exclusive (``wp_can_reuse_anon_folio``), anything
+    else is copied into a new anonymous page mapped read-only, keeping the
+    uffd-wp and soft-dirty bits (``wp_page_copy`` with ``unshare``). No
+    userfault: unsharing is not a write. A THP is split first; a hugetlb page
+    is copied whole (``hugetlb_wp`` with ``unshare``).
+    """
+    if vma.vm_flags & VM_HUGETLB:
+        from vmemu.mmu.hugetlb import hugetlb_unshare
+
+        hugetlb_unshare(mm, vma, addr)
+        return
+    table, idx, e, huge = _entry_of(mm, addr)
+    if huge:
+        from vmemu.mmu.huge_memory import split_huge_pmd
+
+        split_huge_pmd(mm, vma, addr)
+        table, idx, e, huge = _entry_of(mm, addr)
+    special = bool(e & _PAGE_SPECIAL)
+    pfn = (e & PTE_PFN_MASK) >> PAGE_SHIFT
+    old = None if special else mm.phys.mem_map[pfn]
+    if old is not None and old.flags & PG.anon and old.order == 0 and \
+            old.refcount == old.mapcount == 1 and not old.flags & PG.swapcache:
+        old.flags |= PG.anon_exclusive
+        return
+    if old is not None:
+        old.refcount += 1  # held across the allocation
+    new = mm.alloc_anon_folio(vma, addr)
+    if old is not None:
+        old.refcount -= 1
+    if new is None:
+        raise_errno(errno.ENOMEM)
+    if old is not None:
+        new.data[:] = old.page_buffer(pfn)
+    pte = (new.pfn << PAGE_SHIFT) | (vm_get_page_prot(vma.vm_flags) & ~_PAGE_RW) | \
+        (e & (_PAGE_UFFD_WP | _PAGE_SOFT_DIRTY))
+    table[idx] = pte
+    if old is not None:
+        old.mapcount -= 1
+        mm.free_swap_cache(old)
+        mm.phys.folio_put(old)
+    mm.tlb.flush_page(addr & ~(PAGE_SIZE - 1))
+    mm.stats_cow += 1
+
+
+def pin_user_pages(mm: MmStruct, start: int, length: int, write: bool = False,
+                   task: Any = None) -> PinnedPages:
+    """Pin the pages of ``[start, start+length)`` long-term (``pin_user_pages(FOLL_LONGTERM)``).
+
+    Each page is faulted in as GUP does (a write pin breaks COW like a write;
+    a read-only pin unshares, see :func:`gup_must_unshare`) and then held.
+    EFAULT for an unmapped page, a VMA without the access, or a fault that
+    cannot complete; pages pinned before a failure are released again.
+    """
+    if start & (PAGE_SIZE - 1) or length <= 0:
+        raise_errno(errno.EINVAL)
+    pinned = PinnedPages(mm.phys, [])
+    try:
+        with mm.lock:
+            for addr in range(start, start + length, PAGE_SIZE):
+                vma = mm.vmas.vma_lookup(addr)
+                if vma is None:
+                    raise_errno(errno.EFAULT)
+                for _ in range(MAX_RETRIES):
+                    try:
+                        faultin_page(mm, addr, write, task)
+                    except OSError as err:
+                        raise_errno(errno.EFAULT if err.errno != errno.ENOMEM else errno.ENOMEM)
+                    if write or not gup_must_unshare(mm, vma, addr):
+                        break
+                    gup_unshare(mm, vma, addr)
+                _t, _i, entry, huge = _entry_of(mm, addr)
+                pfn = (entry & PTE_PFN_MASK) >> PAGE_SHIFT
+                if huge:
+                    pfn += (addr >> PAGE_SHIFT) & 511
+                folio = mm.phys.mem_map[pfn]
+                folio.pincount += 1
+                folio.refcount += 1
+                pinned.folios.append(folio)
+    except OSError:
+        pinned.unpin()
+        raise
+    return pinned

@@ -503,6 +503,11 @@ def copy_huge_pmds(src: MmStruct, dst: MmStruct, src_vma: Vma, dst_vma: Vma,
         if e and pmd is not None:
             if not is_huge_zero_pmd(e):
                 folio = src.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+                if folio.pincount and folio.flags & PG.anon_exclusive:
+                    # maybe pinned: split, and the PTE copy gives the child its own pages
+                    split_huge_pmd(src, src_vma, addr)
+                    addr += PMD_SIZE
+                    continue
                 folio.flags &= ~PG.anon_exclusive
                 folio.mapcount += 1
                 folio.entire_mapcount += 1

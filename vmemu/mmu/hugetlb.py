@@ -829,6 +829,34 @@ def hugetlb_wp(mm: MmStruct, vmf: VmFaultInfo, h: HState, hidx: int) -> VmFault:
     return VmFault.NONE
 
 
+def hugetlb_unshare(mm: MmStruct, vma: Vma, address: int) -> None:
+    """Unshare the private huge page at ``address`` for a read-only pin (``hugetlb_wp`` with
+    FAULT_FLAG_UNSHARE): reuse it if nobody else maps it, else copy it into a new page from
+    the pool mapped read-only, keeping the uffd-wp bit; ENOMEM when the pool is empty."""
+    h = hstate_vma(vma)
+    haddr = address & h.mask
+    _pmd, e = _entry_at(mm, haddr)
+    old = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+    n = _huge_pmds(h)
+    if old.flags & PG.anon and (old.flags & PG.anon_exclusive or
+                                old.mapcount == old.refcount == n):
+        old.flags |= PG.anon_exclusive
+        return
+    hidx = (vma.vm_pgoff >> h.order) + ((haddr - vma.vm_start) >> (PAGE_SHIFT + h.order))
+    new = _alloc_for(vma, h, hidx, allow_resv=not old.flags & PG.anon)
+    if new is None:
+        raise_errno(errno.ENOMEM)
+    new.data[:] = old.data
+    new.flags |= PG.anon | PG.anon_exclusive | PG.swapbacked | PG.dirty
+    new.mapping = anon_vma_prepare(vma)
+    new.index = vma.vm_pgoff + ((haddr - vma.vm_start) >> PAGE_SHIFT)
+    new.refcount = 0
+    _unmap_folio(mm, vma, haddr, old)
+    _map_folio(mm, vma, haddr, new,
+               make_huge_pte(vma, new, writable=False, dirty=False) | (e & _PAGE_UFFD_WP))
+    mm.stats_cow += 1
+
+
 def _mms_of(phys: PhysMem) -> list[Any]:
     return list(phys.mms)
 
@@ -897,6 +925,9 @@ def copy_hugetlb_page_range(src: MmStruct, dst: MmStruct, src_vma: Vma, dst_vma:
         if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
             continue
         folio = src.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+        if folio.flags & PG.anon and folio.pincount and folio.flags & PG.anon_exclusive:
+            _copy_pinned_huge_page(dst, dst_vma, h, addr, folio, e, keep_uffd_wp)
+            continue
         folio.flags &= ~PG.anon_exclusive
         if cow and e & _PAGE_RW:
             e &= ~_PAGE_RW
@@ -907,6 +938,25 @@ def copy_hugetlb_page_range(src: MmStruct, dst: MmStruct, src_vma: Vma, dst_vma:
             child &= ~_PAGE_UFFD_WP
         _map_folio(dst, dst_vma, addr, folio, child)
     src.tlb.flush_range(src_vma.vm_start, src_vma.vm_end)
+
+
+def _copy_pinned_huge_page(dst: MmStruct, dst_vma: Vma, h: HState, addr: int, folio: Folio,
+                           e: int, keep_uffd_wp: bool) -> None:
+    """A pinned exclusive huge page is copied for the child at fork, the parent keeping its
+    own (``copy_hugetlb_page_range`` -> ``hugetlb_install_folio``); ENOMEM if the pool is empty."""
+    hidx = (dst_vma.vm_pgoff >> h.order) + ((addr - dst_vma.vm_start) >> (PAGE_SHIFT + h.order))
+    new = _alloc_for(dst_vma, h, hidx, allow_resv=False)
+    if new is None:
+        raise_errno(errno.ENOMEM)
+    new.data[:] = folio.data
+    new.flags |= PG.anon | PG.anon_exclusive | PG.swapbacked | PG.dirty
+    new.mapping = anon_vma_prepare(dst_vma)
+    new.index = dst_vma.vm_pgoff + ((addr - dst_vma.vm_start) >> PAGE_SHIFT)
+    new.refcount = 0
+    entry = make_huge_pte(dst_vma, new, writable=True, dirty=True)
+    if keep_uffd_wp and e & _PAGE_UFFD_WP:
+        entry = (entry | _PAGE_UFFD_WP) & ~_PAGE_RW
+    _map_folio(dst, dst_vma, addr, new, entry)
 
 
 def hugetlb_change_protection(mm: MmStruct, vma: Vma, start: int, end: int) -> None:

@@ -20,12 +20,13 @@ resolves, blocks and returns ``VM_FAULT_RETRY``, or fails with SIGBUS.
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from vmemu.constants import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
-from vmemu.errors import VmFault
+from vmemu.errors import VmFault, raise_errno
 from vmemu.mmu.folio import PG, Folio
 from vmemu.mmu.pgtable import (
     _PAGE_ACCESSED,
@@ -432,6 +433,10 @@ def copy_pte_range(mm: MmStruct, child: MmStruct, src_vma: Vma, dst_vma: Vma,
             if pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
                 if not pte & _PAGE_SPECIAL:
                     folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
+                    if folio.pincount and folio.flags & PG.anon_exclusive:
+                        at = (addr & ~((1 << 21) - 1)) | (idx << PAGE_SHIFT)
+                        dst[idx] = copy_present_page(mm, child, dst_vma, at, pte, keep_uffd_wp)
+                        continue
                     folio.flags &= ~PG.anon_exclusive
                     folio.mapcount += 1
                     folio.refcount += 1
@@ -450,6 +455,27 @@ def copy_pte_range(mm: MmStruct, child: MmStruct, src_vma: Vma, dst_vma: Vma,
             else:
                 dst[idx] = mm.dup_swap_pte(pte, keep_uffd_wp)
                 table[idx] = mm.dup_swap_pte_parent(pte)
+
+
+def copy_present_page(mm: MmStruct, child: MmStruct, dst_vma: Vma, addr: int, pte: int,
+                      keep_uffd_wp: bool) -> int:
+    """Fork of a pinned, exclusive anonymous page: the child gets a copy (``copy_present_page``).
+
+    Sharing it would let a later COW in the parent move the parent away from
+    the page a pin (DMA) still writes to, so the copy is made now; the parent
+    keeps its page and PTE unchanged. The child's PTE is writable unless the
+    uffd-wp bit survives the fork (UFFD_FEATURE_EVENT_FORK). Returns it.
+    """
+    pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
+    new = child.alloc_anon_folio(dst_vma, addr)
+    if new is None:
+        raise_errno(errno.ENOMEM)
+    new.data[:] = mm.phys.mem_map[pfn].page_buffer(pfn)
+    child_pte = maybe_mkwrite((new.pfn << PAGE_SHIFT) | vm_get_page_prot(dst_vma.vm_flags) |
+                              _PAGE_DIRTY | _PAGE_SOFT_DIRTY, dst_vma)
+    if keep_uffd_wp and pte & _PAGE_UFFD_WP:
+        child_pte = (child_pte | _PAGE_UFFD_WP) & ~_PAGE_RW
+    return child_pte
 
 
 def page_buffer_at(mm: MmStruct, pte: int) -> Any:
