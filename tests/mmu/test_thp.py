@@ -313,3 +313,20 @@ def test_tlb_views_are_stable() -> None:
     for i in range(8):
         p.read(a + i * PAGE_SIZE, 1)
     k.check()
+
+
+def test_dontneed_frees_emptied_pte_tables_so_a_thp_can_come_back() -> None:
+    """CONFIG_PT_RECLAIM (x86-64, 6.14+): MADV_DONTNEED of a whole 2 MiB frees its empty PTE
+    table, so the next write faults a THP again (tests/differential/test_kernel_thp_sequences)."""
+    k, p, a = _setup()
+    p.write(a, b"x")
+    p.madvise(a, PAGE_SIZE, MADV_DONTNEED)  # splits the PMD: a PTE table now
+    assert not _is_huge(p, a)
+    tables = p.mm.pgtables.nr_tables
+    p.madvise(a + PAGE_SIZE, MIB2 - PAGE_SIZE, MADV_DONTNEED)  # not the whole 2 MiB: kept
+    assert p.mm.pgtables.nr_tables == tables
+    p.madvise(a, MIB2, MADV_DONTNEED)
+    assert p.mm.pgtables.nr_tables == tables - 1 and _pmd(p, a) == 0
+    p.write(a + 5, b"y")
+    assert _is_huge(p, a) and _smaps_field(p, "AnonHugePages") == 2048
+    k.check()

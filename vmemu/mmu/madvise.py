@@ -39,11 +39,13 @@ from vmemu.constants import (
     MADV_WIPEONFORK,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PMD_SIZE,
 )
 from vmemu.errors import raise_errno
 from vmemu.mmu.gup import populate
 from vmemu.mmu.memory import zap_page_range
 from vmemu.mmu.mmap import page_align
+from vmemu.mmu.pgtable import _PAGE_PRESENT, _PAGE_PSE, PTE_PFN_MASK
 from vmemu.mmu.swap_state import madvise_willneed
 from vmemu.mmu.vma import (
     VM_DONTCOPY,
@@ -171,6 +173,30 @@ def _dontneed(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None
         vma, end = _relookup(mm, start, end)
     keep_wp = vma.vm_file is not None and bool(vma.vm_flags & VM_UFFD_WP)
     zap_page_range(mm, vma, start, end, keep_wp)
+    _reclaim_pt(mm, start, end)
+
+
+def _reclaim_pt(mm: MmStruct, start: int, end: int) -> None:
+    """Free the PTE tables MADV_DONTNEED emptied whole (``try_to_free_pte``, CONFIG_PT_RECLAIM).
+
+    Only tables whose whole 2 MiB lies in the range and that hold nothing
+    any more (a uffd-wp marker keeps one) go; the PMD entry becomes none, so
+    the next fault there may install a THP again, as on x86-64 since 6.14.
+    """
+    mem_map = mm.phys.mem_map
+    addr = (start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    while addr + PMD_SIZE <= end:
+        pmd = mm.pgtables.pmd_table(addr, False)
+        if pmd is not None:
+            idx = (addr >> 21) & 511
+            e = pmd[idx]
+            if e & _PAGE_PRESENT and not e & _PAGE_PSE:
+                pfn = (e & PTE_PFN_MASK) >> PAGE_SHIFT
+                if not any(mem_map[pfn]):
+                    pmd[idx] = 0
+                    mm.phys.free_table(pfn)
+                    mm.pgtables.nr_tables -= 1
+        addr += PMD_SIZE
 
 
 def _free(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
