@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import errno
 from functools import reduce
-from operator import and_, attrgetter, itemgetter, or_
+from operator import and_, attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
@@ -196,16 +196,17 @@ def _move_whole_run(src_tab: list[int], si: int, dst_tab: list[int], di: int, n:
 
     The tests of the page loop, done over the whole slice with C-level
     helpers: the AND of the source entries has the present bit only if all
-    are present, their OR has the special bit if any is the zero page; the
-    destination slice must be all empty, the folios all small and exclusive.
+    are present; the destination slice must be all empty, the folios all
+    small and exclusive - which also rules out the zero page (a special
+    entry), whose folio is never anon-exclusive.
     """
     seg = src_tab[si:si + n]
-    if not reduce(and_, seg) & _PAGE_PRESENT or reduce(or_, seg) & _PAGE_SPECIAL or \
-            any(dst_tab[di:di + n]):
+    if not reduce(and_, seg) & _PAGE_PRESENT or any(dst_tab[di:di + n]):
         return False
     folios = itemgetter(*[(e & PTE_PFN_MASK) >> PAGE_SHIFT for e in seg])(mem_map)
+    # int.__and__ called directly: PG's own & (a Python method) is never used
     if any(map(_order, folios)) or \
-            not reduce(and_, map(int, map(_flags, folios))) >> _ANON_EXCLUSIVE_SHIFT & 1:
+            not reduce(int.__and__, map(_flags, folios)) >> _ANON_EXCLUSIVE_SHIFT & 1:
         return False
     for i, folio in enumerate(folios, index):
         folio.mapping = av
@@ -244,8 +245,8 @@ def _move_run(mm: Any, s: int, d: int, npages: int, add: int, av: Any, index: in
     n = min(npages, 512 - si, 512 - di)
     shift = _ANON_EXCLUSIVE_SHIFT
     if n >= 8 and _move_whole_run(src_tab, si, dst_tab, di, n, mem_map, add, av, index):
+        # only the source side: the TLB holds nothing for the empty destination entries
         mm.tlb.flush_range(s, s + (n << PAGE_SHIFT))
-        mm.tlb.flush_range(d, d + (n << PAGE_SHIFT))
         return n
     k = 0
     while k < n:
@@ -264,9 +265,8 @@ def _move_run(mm: Any, s: int, d: int, npages: int, add: int, av: Any, index: in
     if k == 1:
         mm.tlb.flush_page(s)
         mm.tlb.flush_page(d)
-    elif k:
+    elif k:  # the TLB holds nothing for the empty destination entries
         mm.tlb.flush_range(s, s + (k << PAGE_SHIFT))
-        mm.tlb.flush_range(d, d + (k << PAGE_SHIFT))
     return k
 
 
