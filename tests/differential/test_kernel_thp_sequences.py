@@ -3,8 +3,8 @@
 Each example maps 4 MiB (two 2 MiB-aligned THPs, MADV_HUGEPAGE, every page
 written), then applies a short random sequence of writes, madvise advice
 (DONTNEED, FREE, PAGEOUT, COLD, COLLAPSE, HUGEPAGE, NOHUGEPAGE, WILLNEED,
-POPULATE_WRITE), mprotect and munmap over ranges chosen around the THP
-boundaries. After every step both sides must agree on the errno, the VMA
+POPULATE_WRITE), mprotect, munmap and mremap moves inside the region, over
+ranges chosen around the THP boundaries. After every step both sides must agree on the errno, the VMA
 layout, the AnonHugePages total, the pagemap present bit of each page and
 the first bytes of each readable page.
 
@@ -44,7 +44,7 @@ from vmemu import (
     PROT_WRITE,
     Kernel,
 )
-from vmemu.constants import PMD_SIZE
+from vmemu.constants import MREMAP_FIXED, MREMAP_MAYMOVE, PMD_SIZE
 from vmemu.mmu import PM_PRESENT
 
 pytestmark = [pytest.mark.differential,
@@ -124,6 +124,10 @@ class Host:
             if name == "write":
                 r = self.access.user_access(self.base + args[0] * P, 4, write=b"W%03d" % args[1])
                 return 0 if r.ok else -r.signo
+            if name == "mremap":
+                self.libc.mremap(self.base + args[0] * P, args[1] * P, args[1] * P,
+                                 MREMAP_MAYMOVE | MREMAP_FIXED, self.base + args[2] * P)
+                return 0
             fn = getattr(self.libc, name)
             fn(self.base + args[0] * P, args[1] * P, *args[2:])
             return 0
@@ -166,6 +170,10 @@ class Emu:
             if name == "write":
                 self.p.write(self.base + args[0] * P, b"W%03d" % args[1])
                 return 0
+            if name == "mremap":
+                self.p.mremap(self.base + args[0] * P, args[1] * P, args[1] * P,
+                              MREMAP_MAYMOVE | MREMAP_FIXED, self.base + args[2] * P)
+                return 0
             getattr(self.p, name)(self.base + args[0] * P, args[1] * P, *args[2:])
             return 0
         except OSError as e:
@@ -191,13 +199,16 @@ ADVICE = [MADV_DONTNEED, MADV_FREE, MADV_PAGEOUT, MADV_COLD, MADV_COLLAPSE, MADV
 def operation(draw) -> tuple:
     start = draw(st.sampled_from(POINTS))
     n = min(draw(st.sampled_from(LENGTHS)), N - start)
-    kind = draw(st.sampled_from(["write", "madvise", "madvise", "madvise", "mprotect", "munmap"]))
+    kind = draw(st.sampled_from(["write", "madvise", "madvise", "madvise", "mprotect", "munmap",
+                                 "mremap"]))
     if kind == "write":
         return ("write", start, draw(st.integers(0, 999)))
     if kind == "madvise":
         return ("madvise", start, n, draw(st.sampled_from(ADVICE)))
     if kind == "mprotect":
         return ("mprotect", start, n, draw(st.sampled_from([PROT_READ, RW])))
+    if kind == "mremap":  # move inside the region (overlap is EINVAL on both)
+        return ("mremap", start, n, draw(st.sampled_from(POINTS)))
     return ("munmap", start, n)
 
 
