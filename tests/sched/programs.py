@@ -49,3 +49,48 @@ def producer_consumer(rt: Runtime, n_items: int = 20, n_consumers: int = 2) -> l
 
     result: list[int] = rt.run(main)
     return result
+
+
+def spinners_and_sleeper(
+    rt: Runtime, n_spinners: int, sleep_s: float = 0.001, timed_wait: bool = False,
+    syscalls_per_spin: int = 20, max_spins: int = 100_000,
+) -> tuple[int, int]:
+    """`n_spinners` tasks only charge CPU and `cond_resched` until a sleeper wakes.
+
+    The sleeper sleeps `sleep_s` (or, with `timed_wait`, waits that long on a
+    wait queue nobody wakes, as a poll() with a timeout does) and then stops
+    the spinners.  Returns (how late the sleeper ran after its deadline, in
+    the runtime's ns; total spins).  Each spin charges `syscalls_per_spin`
+    syscalls: the spacing of the spinners' preemption points.  A spinner
+    raises after `max_spins` rounds, so a scheduler that never honours the
+    timer fails, not hangs.
+    """
+    state = {"done": False, "spins": 0}
+    wq = WaitQueue(rt, "never")
+
+    def spinner() -> None:
+        while not state["done"]:
+            rt.charge("syscall", syscalls_per_spin)
+            rt.cond_resched()
+            state["spins"] += 1
+            if state["spins"] > max_spins:
+                raise RuntimeError(f"the sleeper never ran: {state['spins']} spins")
+
+    def sleeper() -> int:
+        deadline = rt.now_ns() + round(sleep_s * 1e9)
+        if timed_wait:
+            assert not wq.wait_event(lambda: False, reason="timed", timeout=sleep_s)
+        else:
+            rt.sleep(sleep_s)
+        state["done"] = True
+        return rt.now_ns() - deadline
+
+    def main() -> tuple[int, int]:
+        spinners = [rt.spawn(spinner, name=f"spin{i}") for i in range(n_spinners)]
+        late: int = rt.spawn(sleeper, name="sleeper").join()
+        for h in spinners:
+            h.join()
+        return late, state["spins"]
+
+    result: tuple[int, int] = rt.run(main)
+    return result

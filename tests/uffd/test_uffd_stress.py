@@ -74,9 +74,9 @@ POLLIN = select.POLLIN
 NCPUS = 2
 # Pacing. Lockers and background copiers sleep between steps (virtual time under the
 # simulation): a task that only charges CPU time keeps its CPU until its 0.75 ms slice
-# ends, and SimRuntime does not count an expired sleeper as a reason to preempt, so two
-# spinning lockers would starve a sleeping background task for ever. Sleeping leaves
-# the CPUs to whoever is ready, which is what makes faults, handlers and copies interleave.
+# ends, so two spinning lockers would hold both CPUs and leave a background task whose
+# sleep expired one turn per slice (tests/sched/test_sim_timers.py). Sleeping leaves the
+# CPUs to whoever is ready, which is what makes faults, handlers and copies interleave.
 LOCK_NS = 5_000
 BACKGROUND_NS = 20_000
 BOUNCE_RANDOM = 1

@@ -22,10 +22,17 @@ different seeds explore different interleavings wherever the model allows a
 tie.  Between two scheduling points a task's work is atomic: `charge` never
 switches tasks, so the layers above may update their structures freely.
 
-Preemption is voluntary: at `cond_resched` a task that has run for longer
-than `CostModel.timeslice` on a CPU with a ready task waiting gives the CPU
-up (EEVDF's slice) to another task, and queues behind it.  A dispatch onto
-a CPU whose previous task differs costs `context_switch`.
+Preemption happens at `cond_resched`, the scheduling point a running task
+offers: a task that has run for longer than `CostModel.timeslice` while
+another task is waiting gives the CPU up (EEVDF's slice, enforced by the
+tick).  A task *waits* once its ready time has passed: a woken or spawned
+task since its wake-up, a sleeper since its deadline (the hrtimer fired and
+woke it, `hrtimer_wakeup`), so an expired timer is honoured within one slice
+even when every CPU is busy.  The preempted task queues behind the waiting
+ones: in a tie it gives way to every task that was already waiting when it
+was preempted (`_queue_behind`), so a task whose timer expired waits a
+bounded number of slices, never for ever.  A dispatch onto a CPU whose
+previous task differs costs `context_switch`.
 
 Deadlock: no CPU has a task and no task is ready or sleeping with a
 deadline, yet some task is blocked.  `run` then raises `Deadlock` naming
@@ -92,7 +99,34 @@ class SimTask(TaskHandle):
         self.cpu: Cpu | None = None
         self.last_cpu = -1
         self.slice_start = 0
+        self.preempted_at: int | None = None  # when cond_resched last took its CPU
         self.killed = False
+
+
+def _waiting_since(task: SimTask) -> int:
+    """When a ready task became able to run: its wake-up, or its timer's expiry."""
+    return task.ready_at if task.deadline is None else task.deadline
+
+
+def _queue_behind(
+    tie: list[tuple[int, int, SimTask, Cpu]],
+) -> list[tuple[int, int, SimTask, Cpu]]:
+    """Drop from a tie the preempted tasks that queue behind another candidate.
+
+    A task preempted at time p goes to the back of the run queue (round
+    robin on slice expiry, as EEVDF gives the waiting tasks the earlier
+    deadlines): while a ready task that was already waiting at p can start
+    as early, the preempted one does not run.  Tasks that became ready later
+    compete with it by the seeded draw, so nothing starves.
+    """
+    ready = [c[2] for c in tie if c[0] == 1]
+    behind = {
+        p.tid for p in ready if p.preempted_at is not None
+        and any(x is not p and _waiting_since(x) <= p.preempted_at for x in ready)
+    }
+    if not behind or len(behind) == len(tie):
+        return tie
+    return [c for c in tie if c[1] not in behind]
 
 
 class SimRuntime(Runtime):
@@ -224,6 +258,8 @@ class SimRuntime(Runtime):
         if len(best) == 1:
             choice = best[0]
         else:
+            if any(c[2].preempted_at is not None for c in best):
+                best = _queue_behind(best)
             best.sort(key=lambda c: (c[0], c[1]))
             choice = best[self._rng.randrange(len(best))]
         return choice[2], choice[3], best_t
@@ -239,6 +275,7 @@ class SimRuntime(Runtime):
         cpu.curr = task
         task.cpu = cpu
         task.deadline = None
+        task.preempted_at = None
         task.state = TaskState.RUNNING
         task.wait_reason = None
         if cpu.last is not task:
@@ -250,22 +287,14 @@ class SimRuntime(Runtime):
         task.last_cpu = cpu.id
         task.slice_start = cpu.clock.now_ns()
 
-    def _switch(self, prev: SimTask | None, requeue: SimTask | None = None) -> None:
-        """Hand the baton to the next task; `prev` (if any) sleeps until picked again.
-
-        `requeue`, a task just preempted, becomes ready only after the pick,
-        so the CPU goes to another task (round robin on slice expiry).
-        """
+    def _switch(self, prev: SimTask | None) -> None:
+        """Hand the baton to the next task; `prev` (if any) sleeps until picked again."""
         if self._tearing_down:
             self._driver.release()
             if prev is not None:
                 prev.baton.acquire()
             return
         choice = self._pick()
-        if requeue is not None:
-            self._ready[requeue.tid] = requeue
-            if choice is None:
-                choice = self._pick()
         if choice is None:
             self._end_of_run()
             if prev is not None:
@@ -342,14 +371,14 @@ class SimRuntime(Runtime):
         cpu = task.cpu
         now = cpu.clock.now_ns()
         if now - task.slice_start >= self.cost.timeslice and any(
-            t.ready_at <= now and t.deadline is None for t in self._ready.values()
+            (t.ready_at if t.deadline is None else t.deadline) <= now
+            for t in self._ready.values()
         ):
             cpu.curr = None
             task.cpu = None
             task.state = TaskState.RUNNABLE
-            task.ready_at = now
-            self._switch(task, requeue=task)
-            return
+            task.ready_at = task.preempted_at = now
+            self._ready[task.tid] = task
         self._switch(task)
 
     def sleep(self, seconds: float) -> None:
