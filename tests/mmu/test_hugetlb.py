@@ -244,3 +244,22 @@ def test_punch_hole_drops_whole_huge_pages() -> None:
     assert p.read(a, 1) == b"A" and p.read(a + H, 1) == b"\0"
     assert len(inode.huge) == 2  # the read refaulted a fresh zeroed page
     k.check()
+
+
+def test_merge_never_removes_a_whole_hugetlb_vma() -> None:
+    """A VMA with a vm_ops->close hook is not deleted by a merge (can_merge_remove_vma):
+    mprotect of a whole hugetlb VMA back to its neighbour's protection leaves two VMAs;
+    changing only part of one lets the neighbour grow (as 6.18 does, see
+    tests/differential/test_kernel_hugetlb_sequences.py)."""
+    k, p = _kernel(8)
+    rw = PROT_READ | PROT_WRITE
+    a = p.mmap(0, 2 * H, rw, SHARED)
+    p.mprotect(a, H, PROT_READ)
+    p.mprotect(a, H, rw)
+    assert [(v.vm_start - a, v.vm_end - a) for v in p.mm.vmas] == [(0, H), (H, 2 * H)]
+    b = p.mmap(0, 3 * H, rw, SHARED)
+    p.mprotect(b, 2 * H, PROT_READ)
+    p.mprotect(b + H, H, rw)  # part of the first VMA: it shrinks, the next one grows
+    assert [(v.vm_start - b, v.vm_end - b) for v in p.mm.vmas if b <= v.vm_start < b + 3 * H] == \
+        [(0, H), (H, 3 * H)]
+    k.check()

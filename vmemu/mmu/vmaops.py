@@ -122,6 +122,11 @@ def vma_modify(mm: MmStruct, vma: Vma, start: int, end: int,
     Returns the VMA that now covers the range (possibly merged with a neighbour).
     """
     start, end = max(start, vma.vm_start), min(end, vma.vm_end)
+    whole = start == vma.vm_start and end == vma.vm_end
     piece = split_range(mm, vma, start, end)
     change(piece)
+    if whole and getattr(vma.vm_file, "vm_close", None) is not None:
+        # merging would delete the VMA itself, and a VMA with a vm_ops->close hook
+        # (hugetlb) cannot be removed by a merge (can_merge_remove_vma)
+        return piece
     return vma_merge_neighbours(mm, piece)
