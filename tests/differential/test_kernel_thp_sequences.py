@@ -6,7 +6,9 @@ written), then applies a short random sequence of writes, madvise advice
 POPULATE_WRITE), mprotect, munmap and mremap moves inside the region, over
 ranges chosen around the THP boundaries. After every step both sides must agree on the errno, the VMA
 layout, the AnonHugePages total, the pagemap present bit of each page and
-the first bytes of each readable page.
+the first bytes of each readable page. Some examples then fork: the child
+writes a few pages (COW of a shared THP splits its PMD and copies one page)
+and both processes' views are compared too.
 
 The kernel side runs first and fast (only snapshots), so khugepaged - which
 wakes every 10 s and may collapse PTE-mapped ranges behind our back - has
@@ -19,6 +21,7 @@ test_kernel_pageout.py).
 from __future__ import annotations
 
 import os
+import pickle
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -147,6 +150,27 @@ class Host:
                 for i in range(N)]
         return lay, _anon_huge(open("/proc/self/smaps").read(), self.base), present, data
 
+    def fork_view(self, writes: list[int]) -> tuple:
+        """Fork; the child writes at ``writes`` and reports its view; then the parent's view."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            code = 0
+            try:
+                os.close(r)
+                errs = [self.op("write", pg, 777) for pg in writes]
+                with os.fdopen(w, "wb") as f:
+                    f.write(pickle.dumps((errs, self.view())))
+            except BaseException:  # noqa: BLE001 - reported through the exit status
+                code = 1
+            os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            child = pickle.loads(f.read())
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "kernel-side child failed"
+        return child, self.view()
+
     def close(self) -> None:
         self.libc.munmap(self.raw, N * P + 2 * H)
 
@@ -180,6 +204,19 @@ class Emu:
             return e.errno or -1
         except Signal as s:
             return -s.si_signo
+
+    def fork_view(self, writes: list[int]) -> tuple:
+        parent = self.p
+        child = self.p.fork()
+        try:
+            self.p = child
+            errs = [self.op("write", pg, 777) for pg in writes]
+            mine = (errs, self.view())
+            self.k.check()
+        finally:
+            self.p = parent
+        child.exit()
+        return mine, self.view()
 
     def view(self) -> tuple:
         lay = _layout(self.p.maps(), self.base)
@@ -216,8 +253,9 @@ def operation(draw) -> tuple:
 @pytest.mark.skipif(_host_has_swap(), reason="the sequences assume the host has no swap")
 @settings(max_examples=max(5, settings().max_examples // 8),
           suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(operation(), min_size=1, max_size=6))
-def test_thp_sequences_match_the_kernel(ops) -> None:
+@given(ops=st.lists(operation(), min_size=1, max_size=6),
+       fork_writes=st.none() | st.lists(st.sampled_from(POINTS), max_size=3))
+def test_thp_sequences_match_the_kernel(ops, fork_writes) -> None:
     old_cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(old_cpus)})
     host = Host()
@@ -225,6 +263,7 @@ def test_thp_sequences_match_the_kernel(ops) -> None:
         before = _khugepaged_collapsed()
         start = host.view()
         host_steps = [(host.op(*op), host.view()) for op in ops]
+        host_fork = host.fork_view(fork_writes) if fork_writes is not None else None
         assume(_khugepaged_collapsed() == before)
     finally:
         host.close()
@@ -243,4 +282,14 @@ def test_thp_sequences_match_the_kernel(ops) -> None:
         assert eview[1] == hview[1], f"{where}: AnonHugePages kernel {hview[1]}, vmemu {eview[1]}"
         assert eview[2] == hview[2], f"{where}: pagemap present bits"
         assert eview[3] == hview[3], f"{where}: contents"
+        emu.p.check()
+    if host_fork is not None:  # fork, the child writes (COW splits a shared THP), both look
+        (herrs, hchild), hparent = host_fork
+        (eerrs, echild), eparent = emu.fork_view(fork_writes)
+        assert eerrs == herrs, "child writes"
+        for what, e, h in (("child", echild, hchild), ("parent", eparent, hparent)):
+            assert e[0] == h[0], f"after fork: {what} layout"
+            assert e[1] == h[1], f"after fork: {what} AnonHugePages kernel {h[1]}, vmemu {e[1]}"
+            assert e[2] == h[2], f"after fork: {what} pagemap present bits"
+            assert e[3] == h[3], f"after fork: {what} contents"
         emu.p.check()
