@@ -427,7 +427,8 @@ OPS = st.one_of(
 )
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(50, settings().max_examples // 2), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, min_size=1, max_size=12), fork_at_end=st.booleans())
 def test_random_sequences_match_the_kernel(ops, fork_at_end):
     k, e = KernelSide(), EmuSide()

@@ -225,7 +225,8 @@ OPS = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(40, settings().max_examples * 2 // 5), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, min_size=1, max_size=10))
 def test_random_mremap_sequences_match_the_kernel(ops):
     k, e = KernelSide(), EmuSide()

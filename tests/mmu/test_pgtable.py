@@ -81,7 +81,7 @@ def test_huge_pmd_entries():
     assert not pg.pte_huge(pg._PAGE_TABLE | (5 << 12))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=max(200, 2 * settings().max_examples), deadline=None)
 @given(type_=st.integers(0, 31), offset=st.integers(0, SWP_OFFSET_MASK))
 def test_swap_entry_roundtrip(type_, offset):
     e = pg.swp_entry(type_, offset)

@@ -186,7 +186,7 @@ def test_direct_reclaim_api():
     p.check()
 
 
-@settings(max_examples=40)
+@settings(max_examples=max(40, settings().max_examples * 2 // 5))
 @given(st.lists(st.tuples(st.sampled_from(["write", "read", "fork", "exit", "cold", "free"]),
                           st.integers(0, 11), st.integers(0, 255)), max_size=40),
        st.integers(3, 8))

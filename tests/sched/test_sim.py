@@ -62,7 +62,7 @@ def test_different_seeds_explore_different_interleavings() -> None:
     assert len(orders) > 3
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=max(15, settings().max_examples * 3 // 20), deadline=None)
 @given(seed=st.integers(0, 2**64 - 1), ncpus=st.integers(1, 4))
 def test_any_seed_is_deterministic_and_correct(seed: int, ncpus: int) -> None:
     trace, order = scenario(seed, ncpus)
@@ -71,7 +71,7 @@ def test_any_seed_is_deterministic_and_correct(seed: int, ncpus: int) -> None:
     assert [o for o in order if o.startswith("p")] == ["p0", "p1"] * 4
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=max(10, settings().max_examples // 10), deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_producer_consumer_under_any_seed(seed: int) -> None:
     assert producer_consumer(SimRuntime(seed=seed, ncpus=2), 12, 3) == list(range(12))
