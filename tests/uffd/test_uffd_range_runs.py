@@ -5,7 +5,8 @@ ordinary pages in one go (``_mfill_run``, ``_move_run``, ``_wp_one_table``
 and the slice-based ``_wp_entries``) and leave everything else to the page
 path. Hypothesis draws a mixed address space - present pages, zero pages,
 holes, uffd-wp markers and protected pages, on both sides of a PMD
-boundary - and a sequence of COPY / ZEROPAGE / CONTINUE / MOVE /
+boundary, sometimes under a memory limit that makes reclaim swap pages
+out - and a sequence of COPY / ZEROPAGE / CONTINUE / MOVE /
 WRITEPROTECT / MADV_DONTNEED calls over ranges that start and end
 anywhere; it runs them twice, once as shipped and once with the runs
 switched off (the page path alone, and the write-protect loop as it was
@@ -99,8 +100,10 @@ class World:
     """One process: a registered anon window, a MOVE source, a COPY source, a shmem window."""
 
     def __init__(self, dst_states: list[str], src_states: list[str], wp_pages: list[int],
-                 cache: list[bool], mapped: list[bool]) -> None:
-        p = self.p = vmemu.Process()
+                 cache: list[bool], mapped: list[bool], limit: int | None = None) -> None:
+        p = self.p = vmemu.Process(vmemu.Kernel(mem_limit_pages=limit))
+        if limit is not None:  # reclaim swaps pages out: swap entries in the windows too
+            p.kernel.swapon(pages=512)
         self.dst = self._window(p)
         self.msrc = self._window(p)
         self.csrc = self._window(p)
@@ -110,7 +113,7 @@ class World:
                     p.write(base + i * PAGE_SIZE, bytes([i + 1]) * 64)
                 elif s == "zero":
                     p.read(base + i * PAGE_SIZE, 1)
-        for i in range(0, NPAGES, 3):  # a source with holes: those are read as zero pages
+        for i in [*range(16), *range(18, NPAGES, 3)]:  # then holes, read as zero pages
             p.write(self.csrc + i * PAGE_SIZE, bytes([0x80 + i]) * 32)
         self.fd = p.memfd_create("runs")
         p.ftruncate(self.fd, NPAGES * PAGE_SIZE)
@@ -199,23 +202,26 @@ ops = st.lists(st.tuples(st.sampled_from(["copy", "zeropage", "move", "wp", "con
        wp_pages=st.lists(pages, max_size=8),
        cache=st.lists(st.booleans(), min_size=NPAGES, max_size=NPAGES),
        mapped=st.lists(st.booleans(), min_size=NPAGES, max_size=NPAGES),
-       calls=ops)
+       calls=ops, limit=st.one_of(st.none(), st.integers(40, 100)))
 # runs with nothing in the way (the examples drawn at random rarely have 8 in a row)
 @example(dst=["none"] * NPAGES, src=["data"] * NPAGES, wp_pages=[], cache=[True] * NPAGES,
          mapped=[False] * NPAGES,
          calls=[("move", 0, NPAGES, 0), ("wp", 0, NPAGES, 1), ("wp", 3, 17, 0),
                 ("continue", 1, 22, 0), ("dontneed", 0, 20, 0), ("copy", 2, 21, 1),
-                ("zeropage", 0, NPAGES, 0), ("move", 0, NPAGES, 1)])
+                ("zeropage", 0, NPAGES, 0), ("move", 0, NPAGES, 1)], limit=None)
 @example(dst=["data"] * 6 + ["none"] * 18, src=["data"] * 14 + ["zero"] + ["data"] * 9,
          wp_pages=[20], cache=[True] * NPAGES, mapped=[True, False] * 12,
          calls=[("move", 6, 18, 0), ("zeropage", 0, NPAGES, 0), ("wp", 0, NPAGES, 1),
-                ("wp", 0, NPAGES, 0), ("continue", 0, NPAGES, 0)])
+                ("wp", 0, NPAGES, 0), ("continue", 0, NPAGES, 0)], limit=None)
+@example(dst=["none"] * NPAGES, src=["data"] * NPAGES, wp_pages=[], cache=[True] * NPAGES,
+         mapped=[False] * NPAGES, calls=[("copy", 0, NPAGES, 0), ("copy", 0, NPAGES, 2)],
+         limit=60)
 def test_runs_match_the_page_loop(dst: list[str], src: list[str], wp_pages: list[int],
                                   cache: list[bool], mapped: list[bool],
-                                  calls: list[tuple[Any, ...]]) -> None:
-    fast = World(dst, src, wp_pages, cache, mapped)
+                                  calls: list[tuple[Any, ...]], limit: int | None) -> None:
+    fast = World(dst, src, wp_pages, cache, mapped, limit)
     with page_by_page():
-        slow = World(dst, src, wp_pages, cache, mapped)
+        slow = World(dst, src, wp_pages, cache, mapped, limit)
     for op in calls:
         got = fast.run(op)
         with page_by_page():

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 # Flags of a new anonymous folio, computed once: IntFlag's ``|`` is a Python-level call.
 _NEW_ANON_FOLIO_FLAGS = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
+_ANON_FLAGS_INT = int(_NEW_ANON_FOLIO_FLAGS)  # the same flags as a plain int: & and | stay in C
 _PAGE_LOW = PAGE_SIZE - 1
 # vm_get_page_prot by vm_flags, filled on first use (a VMA's flags take few values)
 _PROT: dict[int, int] = {}
@@ -302,28 +303,29 @@ def _copy_run(mm: Any, vma: Vma, addr: int, src: int, table: list[int], lo: int,
 
     The sources are read first, each with faults disabled
     (:func:`copy_from_user_nofault`); the run stops before the first source
-    that is not mapped, the first destination that is not empty, or when
-    the memory limit would refuse the folios.
+    that is not mapped, the first destination that is not empty, or where
+    the memory limit would need reclaim to make room.
     """
     if src & (PAGE_SIZE - 1):
         return 0
+    m = _none_prefix(table, lo, hi, True)  # no use reading sources past an occupied entry
+    phys = mm.phys
+    if phys.limit_pages is not None:  # only what fits: the page path reclaims or fails
+        m = min(m, phys.limit_pages - phys.pages_in_use)
     bufs = []
     tlb_r = mm.tlb.r
     vpn = src >> PAGE_SHIFT
-    for i in range(hi - lo):
+    for i in range(m):
         buf = tlb_r.get(vpn + i)
         if buf is None:
             buf = copy_from_user_nofault(mm, src + (i << PAGE_SHIFT))
             if buf is None:
                 break
         bufs.append(buf)
-    n = _none_prefix(table, lo, lo + len(bufs), True)
+    n = len(bufs)
     if not n:
         return 0
-    phys = mm.phys
-    if phys.limit_pages is not None and phys.pages_in_use + n > phys.limit_pages:
-        return 0  # let the page path reclaim or fail, one folio at a time
-    folios = phys.alloc_folios_bulk([bytearray(b) for b in bufs[:n]], _NEW_ANON_FOLIO_FLAGS,
+    folios = phys.alloc_folios_bulk([bytearray(b) for b in bufs], _ANON_FLAGS_INT,
                                     anon_vma_prepare(vma), vma.linear_page_index(addr), 1)
     prot = _install_prot(vma, False, wp)
     table[lo:lo + n] = [(f.pfn << PAGE_SHIFT) | prot for f in folios]
