@@ -400,73 +400,78 @@ _REMAP = struct.Struct("<BBHIQQQ")
 _REMOVE = struct.Struct("<BBHIQQ8x")
 
 
+class _Msg:
+    """What the event classes share: one layout of ``struct uffd_msg`` for each.
+
+    ``_LAYOUT`` is the whole 32-byte message: the event byte, the three
+    reserved fields (always zero), then the event's ``arg`` fields in the
+    order the class declares them.
+    """
+
+    __slots__ = ()
+    event: ClassVar[int]
+    _LAYOUT: ClassVar[struct.Struct]
+
+    def pack(self) -> bytes:
+        """The 32-byte ``struct uffd_msg``."""
+        return self._LAYOUT.pack(self.event, 0, 0, 0, *attrs.astuple(cast(Any, self), recurse=False))
+
+
 @attrs.frozen
-class PagefaultMsg:
+class PagefaultMsg(_Msg):
     """UFFD_EVENT_PAGEFAULT: ``arg.pagefault`` = flags, address, feat.ptid."""
 
     flags: int
     address: int
     ptid: int = 0
     event: ClassVar[int] = UFFD_EVENT_PAGEFAULT
-
-    def pack(self) -> bytes:
-        """The 32-byte ``struct uffd_msg``."""
-        return _PAGEFAULT.pack(self.event, 0, 0, 0, self.flags, self.address, self.ptid)
+    _LAYOUT: ClassVar[struct.Struct] = _PAGEFAULT
 
 
 @attrs.frozen
-class ForkMsg:
+class ForkMsg(_Msg):
     """UFFD_EVENT_FORK: ``arg.fork.ufd`` = the child's new uffd, in the reader's fd table."""
 
     ufd: int
     event: ClassVar[int] = UFFD_EVENT_FORK
-
-    def pack(self) -> bytes:
-        """The 32-byte ``struct uffd_msg``."""
-        return _FORK.pack(self.event, 0, 0, 0, self.ufd)
+    _LAYOUT: ClassVar[struct.Struct] = _FORK
 
 
 @attrs.frozen
-class RemapMsg:
+class RemapMsg(_Msg):
     """UFFD_EVENT_REMAP: ``arg.remap`` = from, to, len (the *old* length)."""
 
     from_: int
     to: int
     len: int
     event: ClassVar[int] = UFFD_EVENT_REMAP
-
-    def pack(self) -> bytes:
-        """The 32-byte ``struct uffd_msg``."""
-        return _REMAP.pack(self.event, 0, 0, 0, self.from_, self.to, self.len)
+    _LAYOUT: ClassVar[struct.Struct] = _REMAP
 
 
 @attrs.frozen
-class RemoveMsg:
+class RemoveMsg(_Msg):
     """UFFD_EVENT_REMOVE: ``arg.remove`` = [start, end) zapped by madvise."""
 
     start: int
     end: int
     event: ClassVar[int] = UFFD_EVENT_REMOVE
-
-    def pack(self) -> bytes:
-        """The 32-byte ``struct uffd_msg``."""
-        return _REMOVE.pack(self.event, 0, 0, 0, self.start, self.end)
+    _LAYOUT: ClassVar[struct.Struct] = _REMOVE
 
 
 @attrs.frozen
-class UnmapMsg:
+class UnmapMsg(_Msg):
     """UFFD_EVENT_UNMAP: ``arg.remove`` = [start, end) unmapped."""
 
     start: int
     end: int
     event: ClassVar[int] = UFFD_EVENT_UNMAP
-
-    def pack(self) -> bytes:
-        """The 32-byte ``struct uffd_msg``."""
-        return _REMOVE.pack(self.event, 0, 0, 0, self.start, self.end)
+    _LAYOUT: ClassVar[struct.Struct] = _REMOVE
 
 
 UffdMsg = PagefaultMsg | ForkMsg | RemapMsg | RemoveMsg | UnmapMsg
+_MSG_CLASSES: dict[int, type[UffdMsg]] = {
+    cls.event: cls for cls in (PagefaultMsg, ForkMsg, RemapMsg, RemoveMsg, UnmapMsg)
+}
 
 
 def decode_msg(b: bytes | bytearray | memoryview) -> UffdMsg:
@@ -477,22 +482,10 @@ def decode_msg(b: bytes | bytearray | memoryview) -> UffdMsg:
     if len(b) != UFFD_MSG_SIZE:
         raise ValueError(f"struct uffd_msg is {UFFD_MSG_SIZE} bytes, got {len(b)}")
     b = bytes(b)
-    event = b[0]
-    if event == UFFD_EVENT_PAGEFAULT:
-        _, _, _, _, flags, address, ptid = _PAGEFAULT.unpack(b)
-        return PagefaultMsg(flags, address, ptid)
-    if event == UFFD_EVENT_FORK:
-        return ForkMsg(_FORK.unpack(b)[4])
-    if event == UFFD_EVENT_REMAP:
-        _, _, _, _, from_, to, len_ = _REMAP.unpack(b)
-        return RemapMsg(from_, to, len_)
-    if event == UFFD_EVENT_REMOVE:
-        _, _, _, _, start, end = _REMOVE.unpack(b)
-        return RemoveMsg(start, end)
-    if event == UFFD_EVENT_UNMAP:
-        _, _, _, _, start, end = _REMOVE.unpack(b)
-        return UnmapMsg(start, end)
-    raise ValueError(f"unknown uffd_msg event {event:#x}")
+    cls = _MSG_CLASSES.get(b[0])
+    if cls is None:
+        raise ValueError(f"unknown uffd_msg event {b[0]:#x}")
+    return cls(*cls._LAYOUT.unpack(b)[4:])
 
 
 def decode_msgs(b: bytes | bytearray | memoryview) -> list[UffdMsg]:
