@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from swap_helpers import page, pressured, pte, swapped
 
 from vmemu import (
     MADV_COLD,
@@ -26,14 +27,6 @@ P = PAGE_SIZE
 RW = PROT_READ | PROT_WRITE
 
 
-def page(i: int) -> bytes:
-    return i.to_bytes(4, "little") * (P // 4)
-
-
-def pte(p, addr: int) -> int:
-    return p.mm.pgtables.get_pte(addr)
-
-
 def test_pressure_swaps_out_and_back_with_contents_intact():
     k = Kernel(mem_limit_pages=8)
     k.swapon(pages=64)
@@ -53,18 +46,13 @@ def test_pressure_swaps_out_and_back_with_contents_intact():
 
 
 def test_pressure_across_fork_shares_swap_entries():
-    k = Kernel(mem_limit_pages=6)
-    k.swapon(pages=64)
-    p = k.spawn()
-    a = p.mmap(0, 4 * P)
-    for i in range(4):
-        p.write(a + i * P, page(i))
+    k, p, a = pressured(limit=6, swap_pages=64, npages=4)
     c = p.fork()
     b = c.mmap(0, 6 * P)
     for i in range(6):
         c.write(b + i * P, page(100 + i))  # pushes the shared COW pages out of both
         k.check()
-    shared = [i for i in range(4) if is_real_swap_pte(pte(p, a + i * P))]
+    shared = swapped(p, a, 4)
     assert shared
     for i in shared:
         e = pte(p, a + i * P)
@@ -96,11 +84,7 @@ def test_shmem_under_pressure():
 
 
 def test_without_swap_only_lazyfree_pages_go():
-    k = Kernel(mem_limit_pages=4)
-    p = k.spawn()
-    a = p.mmap(0, 4 * P)
-    for i in range(4):
-        p.write(a + i * P, page(i))
+    _, p, a = pressured(limit=4, swap_pages=0, npages=4)
     p.madvise(a, 2 * P, MADV_FREE)
     b = p.mmap(0, 2 * P)
     p.write(b, b"x")
@@ -126,34 +110,22 @@ def test_locked_pages_are_never_reclaimed():
 
 
 def test_cold_pages_are_the_first_victims():
-    k = Kernel(mem_limit_pages=6)
-    k.swapon(pages=32)
-    p = k.spawn()
-    a = p.mmap(0, 6 * P)
-    for i in range(6):
-        p.write(a + i * P, page(i))
+    _, p, a = pressured(limit=6, swap_pages=32, npages=6)
     p.madvise(a + 4 * P, 2 * P, MADV_COLD)
     b = p.mmap(0, 2 * P)
     p.write(b, b"1")
     p.write(b + P, b"2")
-    swapped = [i for i in range(6) if is_real_swap_pte(pte(p, a + i * P))]
-    assert swapped == [4, 5]
+    assert swapped(p, a, 6) == [4, 5]
     p.check()
 
 
 def test_clock_spares_recently_used_pages_once():
-    k = Kernel(mem_limit_pages=4)
-    k.swapon(pages=32)
-    p = k.spawn()
-    a = p.mmap(0, 4 * P)
-    for i in range(4):
-        p.write(a + i * P, page(i))
+    _, p, a = pressured(limit=4, swap_pages=32, npages=4)
     # every page was just touched (accessed bit set): the clock clears them all on its
     # first sweep and takes the first one on the second
     b = p.mmap(0, P)
     p.write(b, b"new")
-    swapped = [i for i in range(4) if is_real_swap_pte(pte(p, a + i * P))]
-    assert len(swapped) == 1
+    assert len(swapped(p, a, 4)) == 1
     p.check()
 
 

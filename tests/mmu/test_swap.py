@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+from swap_helpers import fill, page, pte
 
 from vmemu import (
     MADV_COLD,
@@ -49,19 +50,6 @@ from vmemu.mmu.vma import VM_HUGETLB, VM_UFFD_WP
 P = PAGE_SIZE
 RW = PROT_READ | PROT_WRITE
 SHARED_ANON = MAP_SHARED | MAP_ANONYMOUS
-
-
-def page(i: int) -> bytes:
-    return bytes([(i * 7 + 1) & 0xFF]) * 64 + i.to_bytes(8, "little") * (P // 8 - 8)
-
-
-def fill(p, addr: int, n: int, base: int = 0) -> None:
-    for i in range(n):
-        p.write(addr + i * P, page(base + i))
-
-
-def pte(p, addr: int) -> int:
-    return p.mm.pgtables.get_pte(addr)
 
 
 def smaps_kb(p, addr: int, field: str) -> int:
