@@ -70,9 +70,16 @@ if _host_free_hugepages() >= 4:
 
 
 def _vmflags(smaps: str, addr: int) -> list[str]:
-    block = smaps[smaps.index(f"{addr:x}-"):]
-    line = next(ln for ln in block.splitlines() if ln.startswith("VmFlags:"))
-    return sorted(line.split()[1:])
+    """The VmFlags of the VMA containing ``addr`` (it may have merged with a neighbour)."""
+    inside = False
+    for line in smaps.splitlines():
+        head = line.split()[0] if line else ""
+        if "-" in head and ":" not in head:
+            s, e = (int(x, 16) for x in head.split("-"))
+            inside = s <= addr < e
+        elif inside and line.startswith("VmFlags:"):
+            return sorted(line.split()[1:])
+    raise AssertionError(f"no VMA at {addr:#x}")
 
 
 def host_run(kind: str, advice: int) -> tuple:

@@ -14,6 +14,7 @@ import pytest
 from vmemu import (
     BUS_ADRERR,
     MADV_REMOVE,
+    MAP_FIXED,
     MAP_PRIVATE,
     MAP_SHARED,
     PAGE_SIZE,
@@ -199,3 +200,47 @@ def test_hugetlb_memfd_seals_checked_after_alignment(p) -> None:
     assert _errno(p.ftruncate, fd, H) == errno.EPERM
     p.ftruncate(fd, 3 * H)
     assert p.fstat_size(fd) == 3 * H
+
+
+def _present(p, a: int, n: int) -> str:
+    from vmemu.mmu import PM_PRESENT
+
+    return "".join("1" if p.pagemap(a + i * P) & PM_PRESENT else "." for i in range(n))
+
+
+def test_read_fault_maps_cached_neighbours(p) -> None:
+    """do_fault_around: a 16-PTE aligned window, cached pages only, clipped to VMA and EOF."""
+    fd = p.memfd_create("around")
+    p.ftruncate(fd, 30 * P + 1)
+    for i in range(31):
+        if i != 5:
+            p.pwrite(fd, b"c", i * P)
+    raw = p.mmap(0, 2 * H + 40 * P, PROT_READ)
+    a = ((raw + H - 1) & ~(H - 1)) + 2 * P  # PTE index 2
+    p.mmap(a, 40 * P, RW, MAP_SHARED | MAP_FIXED, fd)
+    p.read(a + 20 * P, 1)  # PTE 22: window 16..31 -> pages 14..29
+    assert _present(p, a, 40) == "." * 14 + "1" * 16 + "." * 10
+    p.read(a, 1)  # PTE 2: window clipped to the VMA start -> pages 0..13, 5 not cached
+    assert _present(p, a, 40) == "11111.11111111" + "1" * 16 + "." * 10
+    p.read(a + 30 * P, 1)  # the last page of the file; 31.. are beyond EOF
+    assert _present(p, a, 40) == "11111.11111111" + "1" * 17 + "." * 9
+    p.write(a + 5 * P, b"w")  # a write fault maps just its page
+    assert _present(p, a, 40)[:6] == "111111"
+
+
+def test_no_fault_around_for_writes_or_uffd_minor(p) -> None:
+    from vmemu.uffd.uapi import UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR
+
+    fd = p.memfd_create("minor")
+    p.ftruncate(fd, 16 * P)
+    for i in range(16):
+        p.pwrite(fd, b"c", i * P)
+    a = p.mmap(0, 16 * P, RW, MAP_SHARED, fd)
+    p.write(a + 3 * P, b"w")
+    assert _present(p, a, 16).count("1") == 1
+    b = p.mmap(0, 16 * P, RW, MAP_SHARED, fd)
+    uffd = p.userfaultfd()
+    uffd.api(features=UFFD_FEATURE_MINOR_SHMEM)
+    uffd.register(b, 16 * P, UFFDIO_REGISTER_MODE_MINOR)
+    uffd.continue_(b + 4 * P, P)  # maps one page, faults nothing around
+    assert _present(p, b, 16) == "....1..........."

@@ -1,9 +1,19 @@
-"""Unmapping file pages from every mapping: ``unmap_mapping_range`` (``mm/memory.c``).
+"""Page-cache pages and mappings: ``unmap_mapping_range`` and fault-around.
 
 When a file shrinks or a hole is punched, every PTE that maps the dropped
-page-cache pages must go, in every process. The inode's ``i_mmap`` lists the
-VMAs; each VMA knows its mm. ``even_cows`` also zaps private COW copies of
-those pages in MAP_PRIVATE mappings (truncate does, hole punching does not).
+page-cache pages must go, in every process (``unmap_mapping_range`` of
+``mm/memory.c``). The inode's ``i_mmap`` lists the VMAs; each VMA knows its
+mm. ``even_cows`` also zaps private COW copies of those pages in
+MAP_PRIVATE mappings (truncate does, hole punching does not).
+
+The other way round, a read fault on a file mapping also maps the cached
+pages around it (``do_fault_around`` -> ``filemap_map_pages`` of
+``mm/filemap.c``): up to ``fault_around_bytes`` (64 KiB, 16 pages) in an
+aligned window clipped to the VMA, the PTE table and the end of the file,
+skipping pages not in the cache (or out on swap) and PTEs already set. A
+VMA registered for uffd-wp or minor faults does not fault around
+(``uffd_disable_fault_around``). This is visible in pagemap and in smaps
+Rss: on Linux a read of one shmem page maps its cached neighbours too.
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from vmemu.mmu.pgtable import (
     PTE_PFN_MASK,
     is_pte_marker,
 )
-from vmemu.mmu.vma import VM_UFFD_WP
+from vmemu.mmu.vma import VM_UFFD_MINOR, VM_UFFD_WP
+
+FAULT_AROUND_PAGES = 16  # /sys/kernel/debug/fault_around_bytes = 65536
 
 
 def unmap_mapping_range(inode: Any, first: int, last: int, even_cows: bool,
@@ -70,3 +82,41 @@ def _mm_of(vma: Any) -> Any:
 def _all_mms(vma: Any) -> list[Any]:
     inode = vma.vm_file
     return list(inode.phys.mms) if inode is not None else []
+
+
+def should_fault_around(vma: Any) -> bool:
+    """May a read fault in ``vma`` map its neighbours (``should_fault_around``)?"""
+    return not vma.vm_flags & (VM_UFFD_WP | VM_UFFD_MINOR) and \
+        getattr(vma.vm_file, "pages", None) is not None
+
+
+def do_fault_around(mm: Any, vmf: Any, prot: int) -> None:
+    """Map the cached pages of the window around a read fault (``do_fault_around``).
+
+    The window is ``FAULT_AROUND_PAGES`` PTEs aligned within the PTE table,
+    clipped to the VMA; ``filemap_map_pages`` then maps every page of it
+    that is in the page cache, below EOF, not poisoned, over a none PTE,
+    with the VMA's protection, the faulting page included.
+    """
+    vma = vmf.vma
+    inode = vma.vm_file
+    nr = FAULT_AROUND_PAGES
+    pte_off = vmf.idx
+    vma_off = vmf.pgoff - vma.vm_pgoff
+    from_pte = max(pte_off & ~(nr - 1), pte_off - min(pte_off, vma_off))
+    to_pte = min(from_pte + nr, 512, pte_off + (vma.size >> PAGE_SHIFT) - vma_off)
+    base = vmf.pgoff - pte_off
+    end = min(base + to_pte, inode.nr_pages_size)
+    table = vmf.table
+    pages = inode.pages
+    bad = PG.hwpoison | PG.locked
+    for pgoff in range(base + from_pte, end):
+        i = pgoff - base
+        if table[i]:
+            continue
+        folio = pages.get(pgoff)
+        if folio is None or folio.order or folio.flags & bad:
+            continue
+        folio.refcount += 1
+        folio.mapcount += 1
+        table[i] = (folio.pfn << PAGE_SHIFT) | prot

@@ -252,6 +252,13 @@ def do_fault(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -> VmFault
     vma = vmf.vma
     inode = vma.vm_file
     index = vmf.pgoff
+    if not vmf.flags & FAULT_FLAG_WRITE:  # do_read_fault
+        from vmemu.mmu.filemap import do_fault_around, should_fault_around
+
+        if should_fault_around(vma):
+            do_fault_around(mm, vmf, vm_get_page_prot(vma.vm_flags))
+            if vmf.table[vmf.idx]:
+                return VmFault.NONE
     if index >= inode.nr_pages_size:
         return VmFault.SIGBUS
     folio = inode.find_folio(index)
