@@ -15,8 +15,11 @@ Nothing here asserts on timing: a benchmark prints, it never fails.
 
 from __future__ import annotations
 
+import argparse
 import gc
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -135,3 +138,35 @@ def format_table(scenarios: list[Scenario], markdown: bool = False) -> str:
     out = [fmt_row(header), fmt_row(tuple("-" * w for w in widths))]
     out += [fmt_row(r) for r in rows]
     return "\n".join(out)
+
+
+def bench_args(description: str, quick_help: str,
+               argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the options every benchmark takes, and switch the clock if asked.
+
+    ``--quick`` (what it means is ``quick_help``), ``--reps`` (default 9,
+    quick 7, never fewer than 7: a median needs a few samples),
+    ``--markdown``, ``--cpu-time`` and ``-v`` (progress on stderr).
+    """
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 9, quick 7, at least 7)")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU time instead of the wall clock")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show progress on stderr")
+    args = ap.parse_args(argv)
+    args.reps = max(7, args.reps or (7 if args.quick else 9))
+    if args.cpu_time:
+        use_cpu_time()
+    return args
+
+
+def run_and_report(scenarios: list[Scenario], args: argparse.Namespace, what: str) -> None:
+    """Run ``scenarios`` round robin as ``args`` says; print a header naming ``what`` and the table."""
+    progress = (lambda s: print(s, file=sys.stderr)) if args.verbose else None
+    run_round_robin(scenarios, args.reps, progress)
+    print(f"{what}, {args.reps} interleaved repetitions, Python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} CPUs, {'CPU' if args.cpu_time else 'wall'} time "
+          "(median, min, max over repetitions)")
+    print(format_table(scenarios, markdown=args.markdown))

@@ -34,7 +34,6 @@ Scenarios:
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -44,14 +43,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))  # run from a checkout without installing
 
-from _harness import (  # noqa: E402
-    Scenario,
-    best_of,
-    format_table,
-    run_round_robin,
-    timed,
-    use_cpu_time,
-)
+from _harness import Scenario, bench_args, best_of, run_and_report, timed  # noqa: E402
 
 from vmemu import Kernel, Process  # noqa: E402
 from vmemu.constants import PAGE_SIZE  # noqa: E402
@@ -249,27 +241,12 @@ class HeapPerPage(Scenario):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks and print the table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="8 MiB and fewer loops: a few seconds")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 9, quick 7)")
-    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time with this process's CPU time instead of the wall clock")
-    ap.add_argument("-v", "--verbose", action="store_true", help="show progress on stderr")
-    args = ap.parse_args(argv)
-    if args.cpu_time:
-        use_cpu_time()
+    args = bench_args(__doc__.splitlines()[0], "8 MiB and fewer loops: a few seconds", argv)
     size = 8 * MiB if args.quick else 64 * MiB
     loops = 20_000 if args.quick else 100_000
-    reps = args.reps or (7 if args.quick else 9)
     scenarios: list[Scenario] = [AccessHit(loops), FirstTouch(size), Fork(size),
                                  HeapPerPage(size)]
-    progress = (lambda s: print(s, file=sys.stderr)) if args.verbose else None
-    run_round_robin(scenarios, reps, progress)
-    print(f"vmemu mm benchmarks: {size // MiB} MiB, {reps} repetitions, "
-          f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"{'CPU' if args.cpu_time else 'wall'} time (median, min, max over repetitions)")
-    print(format_table(scenarios, markdown=args.markdown))
+    run_and_report(scenarios, args, f"vmemu mm benchmarks: {size // MiB} MiB")
     return 0
 
 

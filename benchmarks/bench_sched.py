@@ -23,7 +23,6 @@ trips.  Nothing here asserts on timing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
@@ -33,7 +32,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))  # run from a checkout without installing
 
-from _harness import Scenario, format_table, run_round_robin, timed  # noqa: E402
+from _harness import Scenario, bench_args, run_and_report, timed  # noqa: E402
 
 from vmemu.sched import Runtime, SimRuntime, ThreadRuntime, Tracer, WaitQueue  # noqa: E402
 
@@ -116,19 +115,13 @@ class RoundTrip(Scenario):
                 self.record("sim_us", t * 1e6)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="7 repetitions of 500 round trips")
-    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (at least 7)")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table."""
+    args = bench_args(__doc__.split("\n")[0], "7 repetitions of 500 round trips", argv)
     n = 500 if args.quick else 2000
-    reps = max(7, args.reps or (7 if args.quick else 9))
-    scenario = RoundTrip(n)
-    run_round_robin([scenario], reps, progress=lambda s: print(s, file=sys.stderr))
-    print(f"{n} round trips per measurement, {reps} interleaved repetitions")
-    print(format_table([scenario], markdown=args.markdown))
+    run_and_report([RoundTrip(n)], args, f"vmemu sched benchmarks: {n} round trips per measurement")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

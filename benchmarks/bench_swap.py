@@ -26,7 +26,6 @@ here asserts on timing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -34,7 +33,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))  # run from a checkout without installing
 
-from _harness import Scenario, format_table, run_round_robin, timed  # noqa: E402
+from _harness import Scenario, bench_args, run_and_report, timed  # noqa: E402
 
 from vmemu import MADV_HUGEPAGE, MADV_PAGEOUT, PAGE_SIZE, Kernel  # noqa: E402
 from vmemu.constants import PMD_SIZE  # noqa: E402
@@ -132,19 +131,13 @@ class SwapRoundTrip(Scenario):
         self.record("thp_us", t * 1e6)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="7 repetitions of 128 pages")
-    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (at least 7)")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks and print the table."""
+    args = bench_args(__doc__.splitlines()[0], "7 repetitions of 128 pages", argv)
     pages = 128 if args.quick else 512
-    reps = max(7, args.reps or (7 if args.quick else 9))
-    scenario = SwapRoundTrip(pages)
-    run_round_robin([scenario], reps, progress=lambda s: print(s, file=sys.stderr))
-    print(f"{pages} pages per measurement, {reps} interleaved repetitions")
-    print(format_table([scenario], markdown=args.markdown))
+    run_and_report([SwapRoundTrip(pages)], args, f"vmemu swap benchmarks: {pages} pages per measurement")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,7 +20,6 @@ repetition. Nothing asserts on time.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -28,7 +27,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))  # run from a checkout without installing
 
-from _harness import Scenario, format_table, run_round_robin, timed  # noqa: E402
+from _harness import Scenario, bench_args, run_and_report, timed  # noqa: E402
 
 from vmemu import Kernel  # noqa: E402
 from vmemu.constants import (  # noqa: E402
@@ -147,18 +146,10 @@ class SplitCollapse(Scenario):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks and print the table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4 regions, 7 repetitions")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (at least 7)")
-    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    args = ap.parse_args(argv)
+    args = bench_args(__doc__.splitlines()[0], "4 regions, 7 repetitions", argv)
     n = 4 if args.quick else 16
-    reps = max(7, args.reps or (7 if args.quick else 9))
     scenarios: list[Scenario] = [Fill(n), FirstFault(4 * n), SplitCollapse(n)]
-    run_round_robin(scenarios, reps)
-    print(f"vmemu THP benchmarks: {n} x 2 MiB regions, {reps} repetitions, "
-          f"Python {sys.version.split()[0]} (median, min, max over repetitions)")
-    print(format_table(scenarios, markdown=args.markdown))
+    run_and_report(scenarios, args, f"vmemu THP benchmarks: {n} x 2 MiB regions")
     return 0
 
 
