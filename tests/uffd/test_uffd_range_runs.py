@@ -196,7 +196,7 @@ ops = st.lists(st.tuples(st.sampled_from(["copy", "zeropage", "move", "wp", "con
                min_size=1, max_size=8)
 
 
-@settings(max_examples=max(10, settings().max_examples // 4))
+@settings(max_examples=settings().max_examples)  # about 10 ms an example
 @given(dst=st.lists(st.sampled_from(STATES), min_size=NPAGES, max_size=NPAGES),
        src=st.lists(st.sampled_from(STATES), min_size=NPAGES, max_size=NPAGES),
        wp_pages=st.lists(pages, max_size=8),
