@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 # Flags of a new anonymous folio, computed once: IntFlag's ``|`` is a Python-level call.
 _NEW_ANON_FOLIO_FLAGS = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodate | PG.dirty
 _ANON_FLAGS_INT = int(_NEW_ANON_FOLIO_FLAGS)  # the same flags as a plain int: & and | stay in C
+# a folio's flags may be a PG, whose & is a Python call: test the bit by shifting
+_HWPOISON_SHIFT = PG.hwpoison.bit_length() - 1
 _PAGE_LOW = PAGE_SIZE - 1
 # vm_get_page_prot by vm_flags, filled on first use (a VMA's flags take few values)
 _PROT: dict[int, int] = {}
@@ -275,7 +277,7 @@ def _continue_run(mm: Any, vma: Vma, addr: int, table: list[int], lo: int, hi: i
     index = vma.linear_page_index(addr)
     limit = inode.nr_pages_size
     prot = _install_prot(vma, True, wp)
-    hwpoison = PG.hwpoison
+    shift = _HWPOISON_SHIFT
     i = lo
     while i < hi:
         cur = table[i]
@@ -284,7 +286,7 @@ def _continue_run(mm: Any, vma: Vma, addr: int, table: list[int], lo: int, hi: i
         if index >= limit:
             break
         folio = pages.get(index)
-        if folio is None or folio.flags & hwpoison or folio.order:
+        if folio is None or folio.flags >> shift & 1 or folio.order:
             break
         folio.mapcount += 1
         folio.refcount += 1
