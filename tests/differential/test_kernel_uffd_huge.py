@@ -320,3 +320,84 @@ def test_missing_fault_leaves_pmd_none_for_a_whole_pmd_move(side: str, eligible:
     assert got == (2048, 0, flags, H, first, 2048 if eligible else 0, 2048, b"\x5b", 0)
     if side == "vmemu":
         p.check()
+
+
+def uffd_wp_thp(p: Any) -> list[tuple[Any, ...]]:
+    """uffd-wp in a THP-eligible range registered for WP only: the huge zero page and the
+    THP are created as without uffd, protection of a whole PMD stays in the PMD (no split),
+    a write is a WP fault, unprotecting restores the THP, protecting 4 KiB splits it."""
+    a, raw = _thp_area(p, MADV_HUGEPAGE)
+    u = p.userfaultfd(uapi.O_CLOEXEC | uapi.O_NONBLOCK)
+    out: list[tuple[Any, ...]] = []
+    try:
+        u.api(uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+        u.register(a, H, uapi.UFFDIO_REGISTER_MODE_WP)
+        p.read(a + 100, 1)
+        out.append(("read", _pm(p, a), _smaps_kb(p, a, "AnonHugePages")))
+        p.write(a + PAGE_SIZE, b"\x01")
+        out.append(("write", _pm(p, a), _smaps_kb(p, a, "AnonHugePages")))
+        u.writeprotect(a, H, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+        wp = [bool(p.pagemap(a + i) & PM_UFFD_WP) for i in (0, H - PAGE_SIZE)]
+        out.append(("protect 2M", wp, _smaps_kb(p, a, "AnonHugePages")))
+        th = threading.Thread(target=lambda: p.thread("T").write(a + 0x7003, b"\x02"), daemon=True)
+        th.start()
+        assert select.select([u.fileno()], [], [], 10)[0], "no fault message"
+        msg = u.read_msgs(32)[0]
+        out.append(("wp fault", msg.flags, msg.address - a, th.is_alive()))
+        u.writeprotect(a, H, 0)
+        th.join(10)
+        out.append(("unprotect", bool(p.pagemap(a) & PM_UFFD_WP), _smaps_kb(p, a, "AnonHugePages"),
+                    p.read(a + 0x7003, 1), th.is_alive()))
+        u.writeprotect(a, PAGE_SIZE, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+        wp = [bool(p.pagemap(a + i) & PM_UFFD_WP) for i in (0, PAGE_SIZE)]
+        out.append(("protect 4k", wp, _smaps_kb(p, a, "AnonHugePages")))
+    finally:
+        u.close()
+        p.munmap(raw, 2 * H)
+    return out
+
+
+EXPECTED_WP_THP = [
+    ("read", (1, 1, 0), 0),
+    ("write", (1, 0, 1), 2048),
+    ("protect 2M", [True, True], 2048),
+    ("wp fault", uapi.UFFD_PAGEFAULT_FLAG_WRITE | uapi.UFFD_PAGEFAULT_FLAG_WP, 0x7000, True),
+    ("unprotect", False, 2048, b"\x02", False),
+    ("protect 4k", [True, False], 0),
+]
+
+
+@pytest.mark.parametrize("side", ["vmemu", "kernel"])
+def test_uffd_wp_of_a_whole_thp_stays_in_the_pmd(side: str) -> None:
+    p = vmemu.Process() if side == "vmemu" else native_thp_process()
+    assert uffd_wp_thp(p) == EXPECTED_WP_THP
+    if side == "vmemu":
+        p.check()
+
+
+def wp_async_thp(p: Any) -> list[tuple[Any, ...]]:
+    """WP_ASYNC on a protected THP: a write splits the PMD and drops the bit on its page only."""
+    a, raw = _thp_area(p, MADV_HUGEPAGE)
+    p.write(a, b"\x01")
+    u = p.userfaultfd(uapi.O_CLOEXEC | uapi.O_NONBLOCK)
+    try:
+        u.api(uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uapi.UFFD_FEATURE_WP_ASYNC)
+        u.register(a, H, uapi.UFFDIO_REGISTER_MODE_WP)
+        u.writeprotect(a, H, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+        out: list[tuple[Any, ...]] = [("protected", _smaps_kb(p, a, "AnonHugePages"),
+                                       bool(p.pagemap(a) & PM_UFFD_WP))]
+        p.write(a + 3 * PAGE_SIZE, b"\x02")
+        out.append(("written", _smaps_kb(p, a, "AnonHugePages"), bool(p.pagemap(a) & PM_UFFD_WP),
+                    bool(p.pagemap(a + 3 * PAGE_SIZE) & PM_UFFD_WP)))
+    finally:
+        u.close()
+        p.munmap(raw, 2 * H)
+    return out
+
+
+@pytest.mark.parametrize("side", ["vmemu", "kernel"])
+def test_wp_async_write_to_a_protected_thp_splits_it(side: str) -> None:
+    p = vmemu.Process() if side == "vmemu" else native_thp_process()
+    assert wp_async_thp(p) == [("protected", 2048, True), ("written", 0, True, False)]
+    if side == "vmemu":
+        p.check()

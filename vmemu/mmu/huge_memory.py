@@ -22,8 +22,10 @@ memory.
 * **userfaultfd**: in a VMA registered for MISSING, both read and write
   faults on an empty PMD reach ``handle_userfault`` from here, before
   anything is allocated: the PMD stays none, so a later UFFDIO_MOVE of a
-  whole aligned 2 MiB moves a PMD instead of splitting. uffd-wp VMAs
-  otherwise use 4 KiB pages here (vmemu keeps uffd-wp at PTE level).
+  whole aligned 2 MiB moves a PMD instead of splitting. UFFDIO_WRITEPROTECT
+  of a whole PMD sets uffd-wp in the PMD leaf (THP or huge zero page), and
+  a write to it is a WP userfault from here (``wp_huge_pmd``); WP_ASYNC
+  splits and resolves at PTE level; protecting part of it splits it.
 * **COW**: fork shares the PMD write-protected; a write to it reuses the
   folio if nobody else maps it, otherwise splits the PMD and lets the 4 KiB
   path copy (``do_huge_pmd_wp_page``).
@@ -181,8 +183,6 @@ def do_huge_pmd_anonymous_page(mm: MmStruct, vma: Vma, address: int, flags: int,
         vmf = VmFaultInfo(vma, address & PAGE_MASK, address, flags,
                           vma.linear_page_index(address), pmd, idx, 0, task)
         return handle_userfault(vmf, VM_UFFD_MISSING)
-    if vma.vm_flags & VM_UFFD_WP:
-        return VmFault.FALLBACK  # vmemu keeps uffd-wp ranges at 4 KiB
     if not flags & FAULT_FLAG_WRITE and mm.phys.thp_use_zero_page:
         pmd[idx] = mk_huge_zero_pmd(mm, vma)
         return VmFault.NONE
@@ -222,11 +222,29 @@ def huge_pmd_fault(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any) 
     e = pmd[idx]
     if flags & FAULT_FLAG_WRITE:
         if not e & _PAGE_RW:
-            return do_huge_pmd_wp_page(mm, vma, address, pmd, idx)
+            return wp_huge_pmd(mm, vma, address, flags, task, pmd, idx)
         pmd[idx] = e | _PAGE_DIRTY | _PAGE_ACCESSED | _PAGE_SOFT_DIRTY
     else:
         pmd[idx] = e | _PAGE_ACCESSED  # huge_pmd_set_accessed
     return VmFault.NONE
+
+
+def wp_huge_pmd(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any, pmd: list[int],
+                idx: int) -> VmFault:
+    """A write to a read-only PMD leaf (``wp_huge_pmd``): a uffd-wp protected one is a
+    WP userfault (or, with WP_ASYNC, split to be resolved per page); else COW/reuse."""
+    e = pmd[idx]
+    if e & _PAGE_UFFD_WP:
+        if vma.vm_flags & VM_UFFD_WP:
+            ctx = vma.vm_userfaultfd_ctx
+            if ctx is not None and ctx.wp_async:
+                split_huge_pmd(mm, vma, address)
+                return VmFault.NONE  # retried on the PTEs, where WP_ASYNC drops the bit
+            vmf = VmFaultInfo(vma, address & PAGE_MASK, address, flags,
+                              vma.linear_page_index(address), pmd, idx, e, task)
+            return handle_userfault(vmf, VM_UFFD_WP)
+        pmd[idx] = e & ~_PAGE_UFFD_WP  # a stale bit after unregister
+    return do_huge_pmd_wp_page(mm, vma, address, pmd, idx)
 
 
 def do_huge_pmd_wp_page(mm: MmStruct, vma: Vma, address: int, pmd: list[int],

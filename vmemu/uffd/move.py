@@ -105,7 +105,8 @@ def _move_huge_pmd(mm: Any, src_vma: Vma, dst_vma: Vma, src_pmd: list[int], si: 
     src_pmd[si] = 0
     folio.mapping = anon_vma_prepare(dst_vma)
     folio.index = dst_vma.linear_page_index(dst)
-    dst_pmd[di] = e | _PAGE_RW | _PAGE_SOFT_DIRTY
+    dst_pmd[di] = (e | _PAGE_SOFT_DIRTY) & ~_PAGE_UFFD_WP & ~_PAGE_RW | \
+        (_PAGE_RW if dst_vma.vm_flags & VM_WRITE else 0)  # maybe_pmd_mkwrite
     mm.tlb.flush_range(src, src + PMD_SIZE)  # pmdp_huge_clear_flush
     mm.tlb.flush_range(dst, dst + PMD_SIZE)
 

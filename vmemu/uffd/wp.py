@@ -174,6 +174,7 @@ def uffd_wp_range(mm: Any, vma: Vma, start: int, end: int, enable: bool,
     if (start ^ (end - 1)) < PMD_SIZE and _wp_one_table(mm, vma, start, end, enable, use_markers):
         return
     mm.split_huge_range(vma, start, end)
+    _wp_huge_pmds(mm, vma, start, end, enable)
     markers = enable and use_markers
     if markers:
         addr = start
@@ -186,6 +187,37 @@ def uffd_wp_range(mm: Any, vma: Vma, start: int, end: int, enable: bool,
     for _addr, table, lo, hi in mm.pgtables.iter_pte_tables(start, end):
         _wp_entries(table, lo, hi, enable, markers, prot, try_writable, mem_map)
     mm.tlb.flush_range(start, end)
+
+
+def _wp_huge_pmds(mm: Any, vma: Vma, start: int, end: int, enable: bool) -> None:
+    """uffd-wp on the THP and huge-zero PMD leaves ``[start, end)`` covers whole
+    (``change_huge_pmd`` with MM_CP_UFFD_WP[_RESOLVE]): no split, the bit lives in the PMD.
+
+    Un-protecting gives write permission back to an exclusive anonymous THP of a
+    private writable VMA (``can_change_pmd_writable``), never to the huge zero page.
+    """
+    addr = (start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    prot = vm_get_page_prot(vma.vm_flags)
+    try_writable = bool(vma.vm_flags & VM_WRITE) and not vma.vm_flags & VM_SHARED
+    while addr + PMD_SIZE <= end:
+        pmd = mm.pgtables.pmd_table(addr, False)
+        if pmd is None:
+            addr = (addr | ((1 << 30) - 1)) + 1
+            continue
+        idx = (addr >> 21) & 511
+        e = pmd[idx]
+        if e & _PAGE_PSE and e & _PRESENT_OR_PROTNONE:
+            if enable:
+                pmd[idx] = (e | _PAGE_UFFD_WP) & ~_PAGE_RW
+            elif e & _PAGE_UFFD_WP:
+                new = (e & (_KEEP | _PAGE_PSE)) | prot
+                if e & _PAGE_SPECIAL:
+                    new &= ~_PAGE_RW
+                elif try_writable and \
+                        mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT].flags & PG.anon_exclusive:
+                    new |= _PAGE_RW
+                pmd[idx] = new
+        addr += PMD_SIZE
 
 
 def use_markers(ctx: Userfaultfd, vma: Vma) -> bool:
@@ -215,7 +247,7 @@ def mwriteprotect_range(ctx: Userfaultfd, start: int, length: int, enable: bool)
             if not vma.vm_flags & VM_UFFD_WP:
                 raise_errno(errno.ENOENT)
             if vma.vm_flags & VM_HUGETLB:
-                mask = int(getattr(vma.vm_file, "huge_size", 1 << 21)) - 1
+                mask = vma.vm_file.hstate.size - 1  # 2 MiB or 1 GiB pages
                 if start & mask or length & mask:
                     raise_errno(errno.EINVAL)
             s, e = max(vma.vm_start, start), min(vma.vm_end, end)
@@ -237,8 +269,20 @@ PAGE_IS_FILE = 1 << 2
 PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_SWAPPED = 1 << 4
 PAGE_IS_PFNZERO = 1 << 5
+PAGE_IS_HUGE = 1 << 6
 PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
+
+
+def _scan_entry(mm: Any, addr: int) -> tuple[int, bool]:
+    """The entry mapping ``addr`` and whether it is a huge (PMD-level) one."""
+    pmd = mm.pgtables.pmd_table(addr, False)
+    if pmd is None:
+        return 0, False
+    me = pmd[(addr >> 21) & 511]
+    if me & _PAGE_PSE or (me and not me & _PAGE_PRESENT):  # a huge leaf, or a hugetlb marker
+        return me, True
+    return mm.pgtables.get_pte(addr), False
 
 
 def pagemap_scan(ctx: Userfaultfd, start: int, end: int, flags: int = 0) -> list[PageRegion]:
@@ -256,14 +300,20 @@ def pagemap_scan(ctx: Userfaultfd, start: int, end: int, flags: int = 0) -> list
     mm = ctx.mm
     out: list[PageRegion] = []
     with mm.lock:
-        for addr in range(start, end, PAGE_SIZE):
+        addr = start
+        while addr < end:
             vma = mm.vmas.vma_lookup(addr)
             if vma is None:
+                addr += PAGE_SIZE
                 continue
             if flags & PM_SCAN_CHECK_WPASYNC and not (vma.vm_flags & VM_UFFD_WP and ctx.wp_async):
                 raise_errno(errno.EPERM)
-            pte = mm.pgtables.get_pte(addr)
+            pte, huge = _scan_entry(mm, addr)
+            # a huge leaf is one chunk: its pages share one entry (pagemap_scan_thp_entry)
+            stop = min((addr | (PMD_SIZE - 1)) + 1, end, vma.vm_end) if huge else addr + PAGE_SIZE
             cats = PAGE_IS_WPALLOWED if vma.vm_flags & VM_UFFD_WP else 0
+            if huge:
+                cats |= PAGE_IS_HUGE
             if pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
                 cats |= PAGE_IS_PRESENT
                 if pte & _PAGE_SPECIAL:
@@ -281,10 +331,12 @@ def pagemap_scan(ctx: Userfaultfd, start: int, end: int, flags: int = 0) -> list
             if vma.vm_file is not None:
                 cats |= PAGE_IS_FILE
             if out and out[-1].end == addr and out[-1].categories == cats:
-                out[-1] = PageRegion(out[-1].start, addr + PAGE_SIZE, cats)
+                out[-1] = PageRegion(out[-1].start, stop, cats)
             else:
-                out.append(PageRegion(addr, addr + PAGE_SIZE, cats))
+                out.append(PageRegion(addr, stop, cats))
             if flags & PM_SCAN_WP_MATCHING and cats & PAGE_IS_WRITTEN and \
                     vma.vm_flags & VM_UFFD_WP:
-                uffd_wp_range(mm, vma, addr, addr + PAGE_SIZE, True, use_markers(ctx, vma))
+                # a whole THP is protected in its PMD; part of one splits it first
+                uffd_wp_range(mm, vma, addr, stop, True, use_markers(ctx, vma))
+            addr = stop
     return out
