@@ -100,7 +100,7 @@ def _move_huge_pmd(mm: Any, src_vma: Vma, dst_vma: Vma, src_pmd: list[int], si: 
         mm.tlb.flush_range(dst, dst + PMD_SIZE)
         return
     folio = mm.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
-    if not folio.flags & PG.anon_exclusive:
+    if folio.pincount or not folio.flags & PG.anon_exclusive:  # folio_maybe_dma_pinned
         raise MfillError(errno.EBUSY)
     src_pmd[si] = 0
     folio.mapping = anon_vma_prepare(dst_vma)
@@ -138,7 +138,7 @@ def move_pte(mm: Any, src_vma: Vma, dst_vma: Vma, src: int, dst: int, mode: int)
                 folio = mm.phys.mem_map[pfn]
                 if folio.order:
                     raise MfillError(errno.EBUSY)
-            if not folio.flags & PG.anon_exclusive:
+            if folio.pincount or not folio.flags & PG.anon_exclusive:  # move_present_pte
                 raise MfillError(errno.EBUSY)
             src_tab[si] = 0
             folio.mapping = anon_vma_prepare(dst_vma)
@@ -189,6 +189,7 @@ _ANON_EXCLUSIVE_SHIFT = PG.anon_exclusive.bit_length() - 1
 _PG_ANON = int(PG.anon)
 _order = attrgetter("order")
 _flags = attrgetter("flags")
+_pincount = attrgetter("pincount")
 
 
 def _move_whole_run(src_tab: list[int], si: int, dst_tab: list[int], di: int, n: int,
@@ -198,15 +199,15 @@ def _move_whole_run(src_tab: list[int], si: int, dst_tab: list[int], di: int, n:
     The tests of the page loop, done over the whole slice with C-level
     helpers: the AND of the source entries has the present bit only if all
     are present; the destination slice must be all empty, the folios all
-    small and exclusive - which also rules out the zero page (a special
-    entry), whose folio is never anon-exclusive.
+    small, unpinned and exclusive - which also rules out the zero page (a
+    special entry), whose folio is never anon-exclusive.
     """
     seg = src_tab[si:si + n]
     if not reduce(and_, seg) & _PAGE_PRESENT or any(dst_tab[di:di + n]):
         return False
     folios = itemgetter(*[(e & PTE_PFN_MASK) >> PAGE_SHIFT for e in seg])(mem_map)
     # int.__and__ called directly: PG's own & (a Python method) is never used
-    if any(map(_order, folios)) or \
+    if any(map(_order, folios)) or any(map(_pincount, folios)) or \
             not reduce(int.__and__, map(_flags, folios)) >> _ANON_EXCLUSIVE_SHIFT & 1:
         return False
     for i, folio in enumerate(folios, index):
@@ -222,8 +223,8 @@ def _move_run(mm: Any, s: int, d: int, npages: int, add: int, av: Any, index: in
     """Move ordinary pages from ``s`` to ``d`` within one PTE table each; pages moved (maybe 0).
 
     ``move_pages_pte`` for each page in turn, without the calls: the run
-    stops before the first page that is not a present, small, exclusive
-    anonymous page, or whose destination is not empty. Each moved folio is
+    stops before the first page that is not a present, small, unpinned,
+    exclusive anonymous page, or whose destination is not empty. Each moved folio is
     re-rooted in the destination's anon_vma ``av`` at its new index (the
     destination's page index of ``d`` is ``index``); the new entry is the
     destination VMA's protection ``add`` plus the old entry's dirty bit.
@@ -256,7 +257,7 @@ def _move_run(mm: Any, s: int, d: int, npages: int, add: int, av: Any, index: in
             break
         pfn = (spte & PTE_PFN_MASK) >> PAGE_SHIFT
         folio = mem_map[pfn]
-        if folio.order or not folio.flags >> shift & 1:
+        if folio.order or folio.pincount or not folio.flags >> shift & 1:
             break
         src_tab[si + k] = 0
         folio.mapping = av
