@@ -401,3 +401,70 @@ def test_wp_async_write_to_a_protected_thp_splits_it(side: str) -> None:
     assert wp_async_thp(p) == [("protected", 2048, True), ("written", 0, True, False)]
     if side == "vmemu":
         p.check()
+
+
+def thp_split_zero_subpages(p: Any) -> list[tuple[Any, ...]]:
+    """An immediate split of an anon THP maps its all-zero subpages to the shared zero page
+    (6.12+); a partial DONTNEED only splits the PMD, the folio split is deferred."""
+    from vmemu.constants import MADV_COLD
+
+    small, small_raw = _thp_area(p, MADV_NOHUGEPAGE)
+    p.read(small, 1)
+    zero_pfn = p.pagemap(small) & PM_PFRAME_MASK
+    a, a_raw = _thp_area(p, MADV_HUGEPAGE)
+    b, b_raw = _thp_area(p, MADV_HUGEPAGE)
+    out: list[tuple[Any, ...]] = []
+    try:
+        p.write(a, b"\x01")
+        p.write(a + 9 * PAGE_SIZE, b"\x09")
+        p.madvise(a + 5 * PAGE_SIZE, PAGE_SIZE, MADV_COLD)
+        out.append(("cold 4k", _smaps_kb(p, a, "Rss"), _smaps_kb(p, a, "AnonHugePages"),
+                    p.pagemap(a + 5 * PAGE_SIZE) & PM_PFRAME_MASK == zero_pfn, _pm(p, a),
+                    p.read(a + 9 * PAGE_SIZE, 1)))
+        p.write(b, b"\x01")
+        p.madvise(b + 5 * PAGE_SIZE, PAGE_SIZE, MADV_DONTNEED)
+        out.append(("dontneed 4k", _smaps_kb(p, b, "Rss"), _smaps_kb(p, b, "AnonHugePages")))
+    finally:
+        for r in (small_raw, a_raw, b_raw):
+            p.munmap(r, 2 * H)
+    return out
+
+
+@pytest.mark.parametrize("side", ["vmemu", "kernel"])
+def test_thp_split_maps_zero_subpages_to_the_zero_page(side: str) -> None:
+    p = vmemu.Process() if side == "vmemu" else native_thp_process()
+    assert thp_split_zero_subpages(p) == [("cold 4k", 8, 0, True, (1, 0, 1), b"\x09"),
+                                          ("dontneed 4k", 2044, 0)]
+    if side == "vmemu":
+        p.check()
+
+
+def split_move(p: Any) -> tuple[Any, ...]:
+    """UFFDIO_MOVE of a mostly-zero THP into a range that already has a PTE table: the
+    THP is split at once and its zero subpages move as zero-page PTEs (no Rss at dst)."""
+    src, src_raw = _thp_area(p, MADV_HUGEPAGE)
+    p.write(src, b"\x5a")
+    p.write(src + H - PAGE_SIZE, b"\x5b")
+    dst, dst_raw = _thp_area(p, MADV_NOHUGEPAGE)
+    u = p.userfaultfd(uapi.O_CLOEXEC | uapi.O_NONBLOCK)
+    try:
+        u.api(uapi.UFFD_FEATURE_MOVE)
+        u.register(dst, H, uapi.UFFDIO_REGISTER_MODE_MISSING)
+        u.zeropage(dst + PAGE_SIZE, PAGE_SIZE)  # a PTE table exists at dst
+        moved = []
+        for off in (0, 2 * PAGE_SIZE):
+            moved.append(u.move(dst + off, src + off, PAGE_SIZE if not off else H - off, 0))
+        return (moved, _smaps_kb(p, dst, "Rss"), _smaps_kb(p, dst, "AnonHugePages"),
+                p.read(dst, 1), p.read(dst + H - 1, 1), _smaps_kb(p, src, "Rss"))
+    finally:
+        u.close()
+        p.munmap(src_raw, 2 * H)
+        p.munmap(dst_raw, 2 * H)
+
+
+@pytest.mark.parametrize("side", ["vmemu", "kernel"])
+def test_split_move_moves_zero_subpages_as_zero_pages(side: str) -> None:
+    p = vmemu.Process() if side == "vmemu" else native_thp_process()
+    assert split_move(p) == ([PAGE_SIZE, H - 2 * PAGE_SIZE], 8, 0, b"\x5a", b"\x00", 0)
+    if side == "vmemu":
+        p.check()

@@ -72,6 +72,7 @@ from vmemu.mmu.rmap import rmap_walk
 from vmemu.mmu.vma import (
     VM_HUGEPAGE,
     VM_HUGETLB,
+    VM_LOCKED,
     VM_MAYWRITE,
     VM_NOHUGEPAGE,
     VM_SHARED,
@@ -358,11 +359,15 @@ def _owner_map(phys: PhysMem) -> dict[int, Any]:
     return {id(v): mm for mm in phys.mms for v in mm.vmas}
 
 
-def split_folio(phys: PhysMem, folio: Folio) -> bool:
+def split_folio(phys: PhysMem, folio: Folio, zero_unused: bool = True) -> bool:
     """Split a large anonymous folio into order-0 folios (``split_huge_page``).
 
     Every PMD mapping is split first; PTEs keep their PFNs, unmapped
-    subpages are freed. Returns False (nothing changed) when the folio has
+    subpages are freed. With ``zero_unused`` (what ``__folio_split`` does for
+    anon folios since 6.12, observed on 6.18) a mapped subpage that holds only
+    zeros is remapped to the shared zero page and freed
+    (``try_to_map_unused_to_zeropage``), unless the VMA is locked; its PTE keeps
+    uffd-wp and soft-dirty. Returns False (nothing changed) when the folio has
     references besides its mappings (a pin, the swap cache) or is not anon.
     """
     if folio.order != HPAGE_PMD_ORDER or not folio.flags & PG.anon or \
@@ -373,16 +378,30 @@ def split_folio(phys: PhysMem, folio: Folio) -> bool:
         if hit.level == "pmd":
             split_huge_pmd(hit.mm, hit.vma, hit.address)
     counts = [0] * folio.nr_pages
-    flush: list[tuple[Any, int]] = []
-    for hit in rmap_walk(folio, owner_of):
+    hits = list(rmap_walk(folio, owner_of))
+    where: list[int] = []
+    for hit in hits:
         pte = hit.mm.pgtables.get_pte(hit.address)
-        counts[((pte & PTE_PFN_MASK) >> PAGE_SHIFT) - folio.pfn] += 1
-        flush.append((hit.mm, hit.address))
+        j = ((pte & PTE_PFN_MASK) >> PAGE_SHIFT) - folio.pfn
+        counts[j] += 1
+        where.append(j)
     if sum(counts) != folio.mapcount:
         return False  # mapped where rmap cannot see (e.g. moved): leave it whole
+    data = folio.data
+    if zero_unused and not folio.flags & PG.mlocked:
+        zero = bytes(PAGE_SIZE)
+        for hit, j in zip(hits, where, strict=True):
+            if hit.vma.vm_flags & VM_LOCKED or data[j * PAGE_SIZE:(j + 1) * PAGE_SIZE] != zero:
+                continue
+            table = hit.mm.pgtables.pte_table(hit.address, False)
+            i = (hit.address >> PAGE_SHIFT) & 511
+            table[i] = (phys.zero_pfn << PAGE_SHIFT) | vm_get_page_prot(hit.vma.vm_flags) | \
+                _PAGE_SPECIAL | (table[i] & (_PAGE_UFFD_WP | _PAGE_SOFT_DIRTY))
+            counts[j] -= 1
+            folio.mapcount -= 1
+            folio.refcount -= 1
     mem_map = phys.mem_map
     flags = folio.flags & ~PG.large
-    data = folio.data
     kept = 0
     for j, n in enumerate(counts):
         pfn = folio.pfn + j
@@ -399,14 +418,20 @@ def split_folio(phys: PhysMem, folio: Folio) -> bool:
             phys.pages_in_use -= 1
     phys.nr_folios += kept - 1
     folio.refcount = folio.mapcount = 0
-    for mm, addr in flush:
-        mm.tlb.flush_page(addr)
+    for hit in hits:
+        hit.mm.tlb.flush_page(hit.address)
     count_vm_event(phys, "thp_split_page")
     return True
 
 
-def _split_straddling(mm: MmStruct, addr: int, start: int, end: int) -> None:
-    """Split the PMD leaf and the large folio at ``addr`` if they reach outside ``[start, end)``."""
+def _split_straddling(mm: MmStruct, addr: int, start: int, end: int,
+                      zero_unused: bool = False) -> None:
+    """Split the PMD leaf and the large folio at ``addr`` if they reach outside ``[start, end)``.
+
+    Where Linux only splits the PMD and queues the folio for a deferred
+    split (zap, mprotect), vmemu splits the folio now but keeps every page
+    (``zero_unused=False``); UFFDIO_MOVE splits at once, as the kernel does.
+    """
     haddr = addr & HPAGE_PMD_MASK
     _pmd, _idx, e = _huge_leaf(mm, addr)
     if e:
@@ -424,15 +449,16 @@ def _split_straddling(mm: MmStruct, addr: int, start: int, end: int) -> None:
         return
     first = addr - ((pfn - folio.pfn) << PAGE_SHIFT)
     if first < start or first + (folio.nr_pages << PAGE_SHIFT) > end:
-        split_folio(mm.phys, folio)
+        split_folio(mm.phys, folio, zero_unused)
 
 
-def split_huge_range(mm: MmStruct, vma: Vma, start: int, end: int) -> None:
+def split_huge_range(mm: MmStruct, vma: Vma, start: int, end: int,
+                     zero_unused: bool = False) -> None:
     """Before zapping ``[start, end)``: split huge PMDs and folios it covers only partly."""
     if vma.vm_flags & VM_HUGETLB or start >= end:
         return
-    _split_straddling(mm, start, start, end)
-    _split_straddling(mm, end - PAGE_SIZE, start, end)
+    _split_straddling(mm, start, start, end, zero_unused)
+    _split_straddling(mm, end - PAGE_SIZE, start, end, zero_unused)
 
 
 def madvise_free_huge_pmd(mm: MmStruct, vma: Vma, start: int, end: int) -> None:

@@ -84,7 +84,7 @@ def memory_failure(phys: PhysMem, pfn: int, current: MmStruct | None) -> int | N
     if folio.order:
         from vmemu.mmu.huge_memory import split_folio
 
-        if folio.flags & PG.hugetlb or not split_folio(phys, folio):
+        if folio.flags & PG.hugetlb or not split_folio(phys, folio, zero_unused=False):
             raise_errno(errno.EBUSY, "cannot split the large folio")
         folio = phys.mem_map[pfn]
         assert isinstance(folio, Folio) and folio.order == 0

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
 from vmemu.mmu.folio import PG
+from vmemu.mmu.huge_memory import split_huge_range
 from vmemu.mmu.memory import anon_vma_prepare, vm_get_page_prot
 from vmemu.mmu.pgtable import (
     _PAGE_DIRTY,
@@ -134,7 +135,7 @@ def move_pte(mm: Any, src_vma: Vma, dst_vma: Vma, src: int, dst: int, mode: int)
         else:
             folio = mm.phys.mem_map[pfn]
             if folio.order:
-                mm.split_huge_range(src_vma, src, src + PAGE_SIZE)
+                split_huge_range(mm, src_vma, src, src + PAGE_SIZE, zero_unused=True)
                 folio = mm.phys.mem_map[pfn]
                 if folio.order:
                     raise MfillError(errno.EBUSY)
@@ -328,6 +329,6 @@ def _move_one(mm: Any, src_vma: Vma, dst_vma: Vma, s: int, d: int, src_end: int,
         folio = mm.phys.mem_map[(src_pmd[si] & PTE_PFN_MASK) >> PAGE_SHIFT]
         if not folio.flags & (PG.anon_exclusive | PG.zero):
             raise MfillError(errno.EBUSY)
-        mm.split_huge_range(src_vma, s, s + PAGE_SIZE)
+        split_huge_range(mm, src_vma, s, s + PAGE_SIZE, zero_unused=True)
     move_pte(mm, src_vma, dst_vma, s, d, mode)
     return PAGE_SIZE
