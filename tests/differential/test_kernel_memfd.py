@@ -332,6 +332,10 @@ def aliasing_and_eof(s: Side) -> None:
     s.do("touch", m3, 2 * P + 4000, 1)
     s.do("ftruncate", f, P + 10)
     s.do("touch", m2, P + 5, 10)  # the tail of the new last page reads zero
+    s.do("touch", m2, P + 30, b"past EOF")  # beyond i_size inside the last page: allowed
+    s.do("touch", m1, P + 30, 8)
+    s.do("ftruncate", f, P + 10)  # the same size: the tail is zeroed again
+    s.do("touch", m1, P + 30, 8)
     s.do("touch", m1, 2 * P, 1)
     s.do("touch", m3, 2 * P, 1)
     s.do("touch", m3, 50, 7)  # a private COW copy inside the new size stays

@@ -8,7 +8,9 @@ mprotect or munmap part of a mapping. After every step both sides must
 agree on the errno and, for every page of every mapping, on what a read
 gives: the first bytes, or the signal and its si_code (SIGBUS BUS_ADRERR
 beyond EOF, SIGSEGV where unmapped or protected), plus the file's size and
-contents through pread.
+contents through pread - and, taken before those reads, the pagemap present
+bit of every page (the mappings sit at the same offset from a 2 MiB
+boundary on both sides, so read faults fault around the same windows).
 
 The host has no swap (PAGEOUT keeps shmem pages); vmemu runs without swap.
 """
@@ -30,14 +32,19 @@ from vmemu import (
     MADV_POPULATE_WRITE,
     MADV_REMOVE,
     MADV_WILLNEED,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
     MAP_PRIVATE,
     MAP_SHARED,
     PAGE_SIZE,
+    PROT_NONE,
     PROT_READ,
     PROT_WRITE,
     Kernel,
     Signal,
 )
+from vmemu.constants import PMD_SIZE
+from vmemu.mmu import PM_PRESENT
 from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 
 pytestmark = [pytest.mark.differential,
@@ -48,6 +55,13 @@ N = 8
 RW = PROT_READ | PROT_WRITE
 MAPS = [("s0", MAP_SHARED, 0), ("s1", MAP_SHARED, 1), ("pv", MAP_PRIVATE, 0)]
 PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+H = PMD_SIZE
+SPAN = 5 * H
+
+
+def _slot(raw: int, j: int) -> int:
+    """Mapping ``j`` sits 3 pages past the (j+1)-th 2 MiB boundary: same fault-around windows."""
+    return ((raw + H - 1) & ~(H - 1)) + j * H + 3 * P
 
 
 def _host_has_swap() -> bool:
@@ -64,7 +78,9 @@ class Host:
         self.libc, self.access = libc, access
         self.fd = os.memfd_create("seq")
         os.ftruncate(self.fd, N * P)
-        self.maps = [libc.mmap(0, N * P, RW, flags, self.fd, pg * P) for _n, flags, pg in MAPS]
+        self.raw = libc.mmap(0, SPAN, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+        self.maps = [libc.mmap(_slot(self.raw, j), N * P, RW, flags | MAP_FIXED, self.fd, pg * P)
+                     for j, (_n, flags, pg) in enumerate(MAPS)]
         for i in range(N):
             os.pwrite(self.fd, b"file%03d" % i, i * P)
 
@@ -98,9 +114,18 @@ class Host:
         size = os.fstat(self.fd).st_size
         return size, os.pread(self.fd, size, 0), pages
 
+    def present(self) -> list[bool]:
+        out = []
+        with open("/proc/self/pagemap", "rb") as f:
+            for base in self.maps:
+                f.seek(base // P * 8)
+                raw = f.read(8 * N)
+                out += [bool(int.from_bytes(raw[i * 8:i * 8 + 8], "little") & PM_PRESENT)
+                        for i in range(N)]
+        return out
+
     def close(self) -> None:
-        for base in self.maps:
-            self.libc.munmap(base, N * P)
+        self.libc.munmap(self.raw, SPAN)
         os.close(self.fd)
 
 
@@ -110,7 +135,9 @@ class Emu:
         self.p = self.k.spawn()
         self.fd = self.p.memfd_create("seq")
         self.p.ftruncate(self.fd, N * P)
-        self.maps = [self.p.mmap(0, N * P, RW, flags, self.fd, pg * P) for _n, flags, pg in MAPS]
+        raw = self.p.mmap(0, SPAN, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+        self.maps = [self.p.mmap(_slot(raw, j), N * P, RW, flags | MAP_FIXED, self.fd, pg * P)
+                     for j, (_n, flags, pg) in enumerate(MAPS)]
         for i in range(N):
             self.p.pwrite(self.fd, b"file%03d" % i, i * P)
 
@@ -147,6 +174,10 @@ class Emu:
                     pages.append((s.si_signo, s.si_code, s.si_addr - base - i * P))
         size = self.p.fstat_size(self.fd)
         return size, self.p.pread(self.fd, size, 0), pages
+
+    def present(self) -> list[bool]:
+        return [bool(self.p.pagemap(base + i * P) & PM_PRESENT) for base in self.maps
+                for i in range(N)]
 
 
 ADVICE = [MADV_DONTNEED, MADV_REMOVE, MADV_PAGEOUT, MADV_COLD, MADV_WILLNEED,
@@ -185,16 +216,22 @@ def test_shmem_sequences_match_the_kernel(ops) -> None:
     host = Host()
     try:
         start = host.view()
-        host_steps = [(host.op(*op), host.view()) for op in ops]
+        host_steps = []
+        for op in ops:
+            err = host.op(*op)
+            bits = host.present()
+            host_steps.append((err, bits, host.view()))
     finally:
         host.close()
     emu = Emu()
     assert emu.view() == start
-    for n, (op, (herr, hview)) in enumerate(zip(ops, host_steps, strict=True)):
+    for n, (op, (herr, hbits, hview)) in enumerate(zip(ops, host_steps, strict=True)):
         eerr = emu.op(*op)
+        ebits = emu.present()
         eview = emu.view()
         where = f"step {n} {op}"
         assert eerr == herr, f"{where}: errno kernel {herr}, vmemu {eerr}"
+        assert ebits == hbits, f"{where}: pagemap present bits (before the reads of the view)"
         assert eview[:2] == hview[:2], f"{where}: file size or contents"
         for i, (h, e) in enumerate(zip(hview[2], eview[2], strict=True)):
             assert e == h, f"{where}: {MAPS[i // N][0]} page {i % N}: kernel {h!r}, vmemu {e!r}"

@@ -122,6 +122,10 @@ def test_aliases_private_cow_and_sigbus_beyond_eof(p) -> None:
     assert (ei.value.si_code, ei.value.si_addr) == (BUS_ADRERR, m1 + 3 * P + 5)
     p.ftruncate(fd, P + 10)
     assert p.read(m2 + P + 5, 10) == b"\0\0via\0\0\0\0\0"
+    p.write(m2 + P + 30, b"past EOF")  # inside the last page: allowed, kept...
+    assert p.read(m1 + P + 30, 8) == b"past EOF"
+    p.ftruncate(fd, P + 10)  # ...until a truncate, even to the same size, zeroes it
+    assert p.read(m1 + P + 30, 8) == bytes(8)
     for m in (m1, m3):
         with pytest.raises(Sigbus):
             p.read(m + 2 * P, 1)

@@ -129,10 +129,11 @@ def truncate_setsize(inode: Any, size: int) -> None:
         inode.set_size(size)  # hugetlb_vmtruncate: huge pages, reservations, markers
         return
     inode.i_size = size
-    if size < old:
+    if size <= old:  # the same size too: shmem_truncate_range(newsize, -1) still runs
         first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
-        unmap_mapping_range(inode, first, 1 << 52, even_cows=True, drop_markers=True)
-        inode.drop_range(first, 1 << 52)
+        if old > first << PAGE_SHIFT:
+            unmap_mapping_range(inode, first, 1 << 52, even_cows=True, drop_markers=True)
+        inode.drop_range(first, 1 << 52)  # also pages fallocated beyond EOF (KEEP_SIZE)
         _zero_partial(inode, size, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
 
 
@@ -164,6 +165,12 @@ def fallocate(inode: Any, mode: int, offset: int, length: int) -> None:
             if not _is_hugetlb(inode):  # hugetlbfs drop_range unmaps by itself
                 unmap_mapping_range(inode, first, last, even_cows=False)
             inode.drop_range(first, last)
+        elif not _is_hugetlb(inode) and end < PAGE_SIZE:
+            # shmem_fallocate compares round_down(end) - 1 == -1 with the hole start as
+            # u64 and calls unmap_mapping_range with a zero or negative length, which
+            # means "to the end of the file": a punch inside page 0 unmaps (not drops)
+            # every page from the hole start on, in every mapping (observed on 6.18)
+            unmap_mapping_range(inode, first, 1 << 52, even_cows=False)
         _zero_partial(inode, offset, min(end, hole_start))
         _zero_partial(inode, max(offset, hole_end), end)
         return

@@ -13,8 +13,10 @@
   (``pageout``) and the folio leaves the cache and is freed
   (``__remove_mapping``);
 * a shmem page-cache folio is unmapped (PTEs cleared, or a uffd-wp marker
-  left in a uffd-wp VMA), and its page-cache entry becomes a swap entry in
-  the inode (``shmem_writeout``), then it is written and freed the same way;
+  left in a uffd-wp VMA); then, if clean, dropped from the page cache; if
+  dirty, its page-cache entry becomes a swap entry in the inode
+  (``shmem_writeout``) and it is written and freed the same way - or,
+  without a free slot, it stays in the page cache, unmapped;
 * a folio only the swap cache holds is dropped (written first if dirty).
 
 A large anonymous folio (a THP, PMD- or PTE-mapped) goes the way Linux
@@ -306,10 +308,14 @@ def _drop_swapcache(space: SwapSpace, folio: Folio) -> bool:
 
 
 def _pageout_shmem(space: SwapSpace, folio: Folio, hits: list[RmapHit]) -> bool:
-    """try_to_unmap + ``shmem_writeout`` for a shmem page-cache folio."""
-    entry = space.get_swap_page()
-    if entry is None:
-        return False
+    """try_to_unmap, then ``pageout`` -> ``shmem_writeout`` for a shmem page-cache folio.
+
+    The folio is unmapped from every mapping first, whatever follows (as
+    ``shrink_folio_list`` does). A clean one - never written, so all zeros -
+    then simply leaves the page cache (``__remove_mapping``); a dirty one
+    goes to a swap slot, or, with no swap or swap full, stays in the page
+    cache unmapped (``AOP_WRITEPAGE_ACTIVATE``): observed on 6.18.
+    """
     for hit in hits:
         table, idx = _pte_slot(hit)
         pte = table[idx]
@@ -321,6 +327,15 @@ def _pageout_shmem(space: SwapSpace, folio: Folio, hits: list[RmapHit]) -> bool:
         folio.mapcount -= 1
         space.phys.folio_put(folio)
     inode = folio.mapping
+    if not folio.flags & PG_DIRTY and folio.data == space.phys.zero_data:
+        del inode.pages[folio.index]  # clean: dropped, a later read faults in zeros
+        folio.mapping = None
+        space.phys.folio_put(folio)
+        space.pgsteal += 1
+        return True
+    entry = space.get_swap_page()
+    if entry is None:
+        return False  # kept in the page cache, unmapped
     add_to_swap_cache(space, folio, entry)
     del inode.pages[folio.index]
     inode.swapped[folio.index] = entry
