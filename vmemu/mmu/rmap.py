@@ -53,8 +53,10 @@ def rmap_walk(folio: Folio, owner_of: dict[int, MmStruct]) -> Iterator[RmapHit]:
         if mm is None:
             continue
         first = vma.vm_start + ((folio.index - vma.vm_pgoff) << PAGE_SHIFT)
-        for i in range(folio.nr_pages):
+        i = 0
+        while i < folio.nr_pages:
             addr = first + (i << PAGE_SHIFT)
+            i += 1
             if not vma.vm_start <= addr < vma.vm_end:
                 continue
             pmd = mm.pgtables.pmd_table(addr, False)
@@ -62,12 +64,14 @@ def rmap_walk(folio: Folio, owner_of: dict[int, MmStruct]) -> Iterator[RmapHit]:
                 continue
             e = pmd[(addr >> 21) & 511]
             if e & _PAGE_PSE:  # a 1 GiB hugetlb page is 512 such leaves in vmemu
-                if not i & 511 and ((e & PTE_PFN_MASK) >> PAGE_SHIFT) == folio.pfn + i:
-                    yield RmapHit(mm, vma, addr, "pmd")
+                if not (i - 1) & 511:
+                    if ((e & PTE_PFN_MASK) >> PAGE_SHIFT) == folio.pfn + i - 1:
+                        yield RmapHit(mm, vma, addr, "pmd")
+                    i += 511  # the rest of this leaf's pages
                 continue
             pte = mm.pgtables.get_pte(addr)
             if pte & (_PAGE_PRESENT | _PAGE_PROTNONE) and not pte & _PAGE_SPECIAL and \
-                    (pte & PTE_PFN_MASK) >> PAGE_SHIFT == folio.pfn + i:
+                    (pte & PTE_PFN_MASK) >> PAGE_SHIFT == folio.pfn + i - 1:
                 yield RmapHit(mm, vma, addr, "pte")
 
 
