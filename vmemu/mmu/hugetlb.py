@@ -923,6 +923,9 @@ def copy_hugetlb_page_range(src: MmStruct, dst: MmStruct, src_vma: Vma, dst_vma:
     for addr in range(src_vma.vm_start, src_vma.vm_end, h.size):
         _pmd, e = _entry_at(src, addr)
         if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
+            # copy_pte_marker: poison always, uffd-wp only into a uffd-wp child VMA
+            if is_poisoned_marker(e) or (keep_uffd_wp and is_uffd_wp_marker(e)):
+                _set_huge_entry(dst, addr, h, lambda i, m=e: m)
             continue
         folio = src.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
         if folio.flags & PG.anon and folio.pincount and folio.flags & PG.anon_exclusive:
