@@ -1,0 +1,153 @@
+"""The hand-off details the fault round trip relies on: parking, before_sleep, pricing.
+
+`ThreadRuntime` parks a task on a lock used as a binary permit; a wake-up
+that arrives between `prepare_sleep` and `schedule` must not be lost, and
+one from before `prepare_sleep` must be forgotten. `WaitQueue.wait_event`
+runs `before_sleep` once, queued and armed, just before the task would run
+the resolver or sleep. `Runtime.charge` prices from a cache but must follow
+a replaced or customised cost model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+import pytest
+
+from vmemu.sched import CostModel, InlineRuntime, SimRuntime, ThreadRuntime, WaitQueue
+
+
+def test_thread_wake_between_prepare_and_schedule_is_kept() -> None:
+    rt = ThreadRuntime()
+    me = rt.current()
+    rt.prepare_sleep(me)
+    assert rt.wake_up_process(me) is True  # armed: this wake-up counts
+    assert rt.wake_up_process(me) is False  # a second one finds it already woken
+    t0 = time.monotonic()
+    rt.schedule("kept", rt.deadline_after(5.0))
+    assert time.monotonic() - t0 < 1.0  # returned at once, not after the deadline
+
+
+def test_thread_wake_before_prepare_is_forgotten() -> None:
+    rt = ThreadRuntime()
+    me = rt.current()
+    rt.wake_up_process(me)  # not armed yet: prepare_sleep forgets it
+    rt.prepare_sleep(me)
+    t0 = time.monotonic()
+    rt.schedule("forgotten", rt.deadline_after(0.05))
+    assert time.monotonic() - t0 >= 0.04
+
+
+def test_thread_wake_from_another_thread_ends_the_sleep() -> None:
+    rt = ThreadRuntime()
+    wq = WaitQueue(rt, "wq")
+    flag: list[bool] = []
+
+    def waiter() -> bool:
+        return wq.wait_event(lambda: bool(flag), reason="flag", timeout=5.0)
+
+    h = rt.spawn(waiter)
+    while not wq.waitqueue_active():
+        time.sleep(0.001)
+    flag.append(True)
+    assert wq.wake_up_all() == 1
+    assert h.join(timeout=5.0) is True
+    assert wq.statistics().woken_total == 1
+
+
+@pytest.mark.parametrize("make", [ThreadRuntime, InlineRuntime], ids=["threads", "inline"])
+def test_before_sleep_runs_once_queued_and_not_when_already_true(make: type) -> None:
+    rt = make()
+    wq = WaitQueue(rt, "wq")
+    calls: list[int] = []
+    assert wq.wait_event(lambda: True, reason="x", before_sleep=lambda: calls.append(1))
+    assert calls == []  # the condition held: nothing to announce
+    done: list[bool] = []
+
+    def resolver(_key: object) -> None:
+        # the waiter is queued and has announced itself before the resolver runs
+        assert calls == [len(wq.waiters())] == [1]
+        done.append(True)
+
+    wq.set_resolver(resolver)
+    assert wq.wait_event(lambda: bool(done), reason="y",
+                         before_sleep=lambda: calls.append(len(wq.waiters())))
+    assert calls == [1] and not wq.waitqueue_active()
+    assert wq.statistics().resolver_calls == 1
+
+
+def test_before_sleep_runs_before_sleeping_in_the_simulation() -> None:
+    rt = SimRuntime(seed=0)
+    order: list[str] = []
+
+    def main() -> None:
+        wq = WaitQueue(rt, "wq")
+        flag: list[bool] = []
+
+        def waker() -> None:
+            order.append("waker")
+            flag.append(True)
+            wq.wake_up_all()
+
+        def announce() -> None:
+            order.append("announce")
+            rt.spawn(waker)
+
+        assert wq.wait_event(lambda: bool(flag), reason="flag", before_sleep=announce)
+        order.append("woken")
+
+    rt.run(main)
+    assert order == ["announce", "waker", "woken"]
+
+
+def test_charge_follows_a_replaced_cost_model() -> None:
+    rt = InlineRuntime()
+    assert rt.charge("syscall") == CostModel().syscall
+    rt.cost = attrs.evolve(CostModel(), syscall=7)
+    assert rt.charge("syscall") == 7
+    assert rt.charge("copy_byte", 4096) == round(rt.cost.copy_byte * 4096)
+    assert rt.charges().counts["syscall"] == 2 and rt.charges().ns["syscall"] == 100 + 7
+    assert rt.clock.now_ns() == 100 + 7 + round(rt.cost.copy_byte * 4096)
+    with pytest.raises(ValueError):
+        rt.charge("no_such_cost")
+    with pytest.raises(ValueError):
+        rt.charge("syscall", -1)
+
+
+def test_charge_asks_a_custom_model() -> None:
+    class Doubling(CostModel):
+        def of(self, name: str, n: int | float = 1) -> int:
+            return 2 * super().of(name, n)
+
+    rt = InlineRuntime(cost=Doubling())
+    assert rt.charge("fault") == 2 * CostModel().fault
+    assert rt.clock.now_ns() == 2 * CostModel().fault
+
+
+def test_thread_runtime_counts_charges_without_moving_its_clock() -> None:
+    rt = ThreadRuntime()
+    rt.charge("fault", 3)
+    assert rt.charges().counts["fault"] == 3
+    assert rt.charges().ns["fault"] == 3 * CostModel().fault
+
+
+def test_park_survives_many_hand_offs() -> None:
+    rt = ThreadRuntime()
+    a, b = WaitQueue(rt, "a"), WaitQueue(rt, "b")
+    turn = [0]
+    n = 200
+
+    def player(me: int, mine: WaitQueue, other: WaitQueue) -> None:
+        for i in range(n):
+            ok = mine.wait_event(lambda i=i: turn[0] == 2 * i + me, reason="turn", timeout=10.0)
+            assert ok
+            turn[0] += 1
+            other.wake_up_all()
+
+    h = [rt.spawn(player, 0, a, b), rt.spawn(player, 1, b, a)]
+    for t in h:
+        t.join(timeout=20.0)
+    assert turn[0] == 2 * n
+    # no wake-up was lost: every wait ended by its condition, none by the timeout
+    assert a.statistics().timeouts == b.statistics().timeouts == 0
