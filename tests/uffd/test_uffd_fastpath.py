@@ -191,3 +191,45 @@ def test_vma_lookup_never_returns_a_stale_vma() -> None:
         step()
         agree()
     p.check()
+
+
+def _inline_round_trips(tracing: bool) -> tuple[Any, Any, Any, int]:
+    """Inline-handled faults (COPY, a WAKE-only retry, ZEROPAGE) on the threads runtime."""
+    from vmemu.sched import ThreadRuntime, Tracer
+
+    kernel = vmemu.Kernel(runtime=ThreadRuntime(tracer=Tracer(enabled=tracing)))
+    p = vmemu.Process(kernel)
+    u = p.userfaultfd(uapi.O_NONBLOCK)
+    u.api()
+    area = p.mmap(0, 8 * PAGE_SIZE, RW, ANON)
+    src = p.mmap(0, PAGE_SIZE, RW, ANON)
+    p.write(src, b"\x42" * PAGE_SIZE)
+    u.register(area, 8 * PAGE_SIZE, uapi.UFFDIO_REGISTER_MODE_MISSING)
+    woken_only: set[int] = set()
+
+    def handler(uffd: Any) -> None:
+        for msg in uffd.read_msgs(4 * 32):
+            page = msg.address
+            if page == area + 3 * PAGE_SIZE and page not in woken_only:
+                woken_only.add(page)
+                uffd.wake(page, PAGE_SIZE)  # wakes without resolving: the fault comes back
+            elif (page - area) // PAGE_SIZE % 2:
+                uffd.zeropage(page, PAGE_SIZE)
+            else:
+                uffd.copy(page, src, PAGE_SIZE)
+
+    u.set_inline_handler(handler)
+    data = b"".join(p.read(a, 1) for a in range(area, area + 8 * PAGE_SIZE, PAGE_SIZE))
+    return (u.fault_wq.statistics(), kernel.runtime.charges().counts, data,
+            u.statistics().faults_seen)
+
+
+def test_inline_fast_path_keeps_the_statistics_of_the_queued_path() -> None:
+    fast = _inline_round_trips(tracing=False)  # runs the handler without queueing
+    slow = _inline_round_trips(tracing=True)  # tracing: the full wait-queue protocol
+    assert fast == slow
+    stats, counts, data, seen = fast
+    assert data == b"\x42\x00" * 4
+    assert seen == 9  # eight pages, one of them twice (woken without being resolved)
+    assert stats.woken_total == 9 and stats.resolver_calls == 9 and stats.waiting == 0
+    assert counts["wakeup"] == 9 and counts["fault"] == 1 + 9  # the source page, then these

@@ -163,8 +163,9 @@ class Runtime(ABC):
 
     #: a short name for the runtime kind ("threads", "inline", "sim")
     kind: str = "abstract"
-    #: whether charges move the clock (`_account`); real time passes by itself
-    _clock_moves: bool = True
+    #: whether charges move the clock (`_account`): False where real time passes by itself,
+    #: so the order of charges within a task cannot be observed
+    charges_move_clock: bool = True
 
     def __init__(
         self, *, cost: CostModel | None = None, tracer: Tracer | None = None,
@@ -350,7 +351,7 @@ class Runtime(ABC):
             ns = round(per * n)
         self._charge_counts[cost_name] += n  # type: ignore[assignment]
         self._charge_ns[cost_name] += ns
-        if self._clock_moves:
+        if self.charges_move_clock:
             self._account(ns)
         return ns
 

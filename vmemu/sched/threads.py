@@ -50,7 +50,7 @@ class ThreadRuntime(Runtime):
     """
 
     kind = "threads"
-    _clock_moves = False  # charges are only counted
+    charges_move_clock = False  # charges are only counted
 
     def __init__(self, *, cost: CostModel | None = None, tracer: Tracer | None = None) -> None:
         super().__init__(cost=cost, tracer=tracer, clock=MonotonicClock())

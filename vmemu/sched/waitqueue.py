@@ -140,7 +140,7 @@ class WaitQueue:
     def wait_event(
         self, condition: Callable[[], bool], *, exclusive: bool = False, key: Any = None,
         reason: str | Callable[[], str], timeout: float | None = None,
-        before_sleep: Callable[[], None] | None = None,
+        before_sleep: Callable[[], None] | None = None, resolver_tried: bool = False,
     ) -> bool:
         """Sleep until `condition()` is true; False if `timeout` seconds passed first.
 
@@ -154,6 +154,8 @@ class WaitQueue:
         just before it runs the resolver or sleeps: what `handle_userfault`
         does with `wake_up_poll(&ctx->fd_wqh)` right before `schedule()`, so
         that the woken reader does not wait for the waker to go to sleep.
+        `resolver_tried` says the caller already ran the resolver for this
+        round (`run_resolver`): the task sleeps before running it again.
 
         The body is `prepare_to_wait_event` + `schedule` + `finish_wait`
         written out in one frame (this runs on every userfault).
@@ -163,6 +165,7 @@ class WaitQueue:
         runtime = self.runtime
         task = runtime.current()
         entry = WaitQueueEntry(task, exclusive, key)
+        entry.resolver_tried = resolver_tried
         deadline = None if timeout is None else runtime.deadline_after(timeout)
         lock = self._lock
         prepare_sleep = runtime.prepare_sleep
@@ -192,7 +195,7 @@ class WaitQueue:
                     return False
                 if self.resolver is not None and not entry.resolver_tried:
                     entry.resolver_tried = True
-                    self._resolve(task, key, reason)
+                    self.run_resolver(task, key, reason)
                     if condition():  # resolved: no need to queue again to find out
                         return True
                     continue
@@ -205,8 +208,13 @@ class WaitQueue:
                         self._entries.remove(entry)
                         entry.queued = False
 
-    def _resolve(self, task: TaskHandle, key: Any, reason: str | Callable[[], str]) -> None:
-        """Run the inline resolver on `task`, refusing to re-enter it."""
+    def run_resolver(self, task: TaskHandle, key: Any, reason: str | Callable[[], str]) -> None:
+        """Run the inline resolver on `task`, refusing to re-enter it (`ReentrantFault`).
+
+        `wait_event` calls it before sleeping; a caller that knows its wait
+        is usually resolved at once may call it first and wait only if it
+        was not (then with ``resolver_tried=True``).
+        """
         resolving = task.resolving
         if self in resolving:
             what = f"{self.name}: {_reason(reason)}"
@@ -267,6 +275,18 @@ class WaitQueue:
                 tracer.emit("wake", queue=self.name, target=entry.task.tid)
         runtime.charge("wakeup", len(woken))
         return len(woken)
+
+    def account_woken(self, n: int = 1) -> None:
+        """Count `n` waiters woken, as `wake_up` does, for waits that never queued.
+
+        For a caller that ran the resolver itself (`run_resolver`) and found
+        its condition made true by a wake-up aimed at it: the statistics and
+        the `wakeup` charge are what the queued entry's wake-up would have
+        given (the wake-up call itself is counted by `wake_up` as usual).
+        """
+        with self._lock:
+            self._woken += n
+        self.runtime.charge("wakeup", n)
 
     def wake_up_all(self, key: Any = None) -> int:
         """Wake every matching waiter, exclusive or not (kernel `wake_up_all`)."""

@@ -82,15 +82,16 @@ class UffdStatistics:
 
 def _ioctl_dispatch() -> Any:
     """``vmemu.uffd.ioctl.dispatch``, imported on first use (ioctl.py imports this module)."""
-    global _dispatch
+    global _dispatch, _handlers
     if _dispatch is None:
-        from vmemu.uffd.ioctl import dispatch
+        from vmemu.uffd.ioctl import _HANDLERS, dispatch
 
-        _dispatch = dispatch
+        _dispatch, _handlers = dispatch, _HANDLERS
     return _dispatch
 
 
 _dispatch: Any = None
+_handlers: dict[int, tuple[type, Any]] = {}  # ioctl._HANDLERS: cmd -> (struct class, handler)
 _RUNNING = UffdState.RUNNING
 
 
@@ -216,6 +217,10 @@ class Userfaultfd:
         if self.tracer.enabled:
             self.tracer.emit("uffd_ioctl", cmd=uapi.IOCTL_NAMES.get(cmd, hex(cmd)))
         self.runtime.charge("syscall")
+        handler = _handlers.get(cmd) if self.state is _RUNNING else None
+        if handler is not None and type(arg) is handler[0]:  # dispatch's common case, inlined
+            handler[1](self, arg, caller_mm)
+            return arg
         return (_dispatch or _ioctl_dispatch())(self, cmd, arg, caller_mm)
 
     def register(self, start: int, len: int, mode: int) -> int:  # noqa: A002 - uABI field name

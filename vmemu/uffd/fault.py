@@ -158,9 +158,31 @@ def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault
         except RuntimeError:  # not held by this thread
             saved = None
     try:
-        ctx.fault_wq.wait_event(lambda: uwq.waken or ctx.released, key=address,
-                                reason=lambda: f"userfault at {address:#x}",
-                                before_sleep=wake_readers)
+        wq = ctx.fault_wq
+        runtime = ctx.runtime
+        tried = False
+        if wq.resolver is not None and not runtime.charges_move_clock \
+                and not ctx.tracer.enabled and not (uwq.waken or ctx.released):
+            # An inline handler, and nothing that shows when charges happen or what
+            # the queue did step by step (no virtual clock, no trace): run it first,
+            # without queueing, and queue only if it did not resolve the fault. That is
+            # wait_event's first round less the queue entry (only a concurrent look at
+            # fault_wq.waiters() could tell): every wake-up aimed at this fault sets
+            # uwq.waken, from which the entry's wake-up is accounted, so statistics()
+            # and charges() come out as if it had been queued.
+            task = runtime.current()
+            if wq not in task.resolving:  # else wait_event reports the ReentrantFault
+                if wake_readers is not None:
+                    wake_readers()
+                    wake_readers = None
+                wq.run_resolver(task, address, "")
+                tried = True
+                if uwq.waken:
+                    wq.account_woken(1)
+        if not (uwq.waken or ctx.released):
+            wq.wait_event(lambda: uwq.waken or ctx.released, key=address,
+                          reason=lambda: f"userfault at {address:#x}",
+                          before_sleep=wake_readers, resolver_tried=tried)
     finally:
         if saved is not None:
             lock._acquire_restore(saved)

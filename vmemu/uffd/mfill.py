@@ -56,6 +56,7 @@ _ANON_FLAGS_INT = int(_NEW_ANON_FOLIO_FLAGS)  # the same flags as a plain int: &
 # a folio's flags may be a PG, whose & is a Python call: test the bit by shifting
 _HWPOISON_SHIFT = PG.hwpoison.bit_length() - 1
 _PAGE_LOW = PAGE_SIZE - 1
+_PG_HWPOISON = int(PG.hwpoison)
 # vm_get_page_prot by vm_flags, filled on first use (a VMA's flags take few values)
 _PROT: dict[int, int] = {}
 
@@ -147,7 +148,7 @@ def mfill_pte(ctx: Userfaultfd, vma: Vma, addr: int, mode: MfillMode, wp: bool,
         folio = inode.find_folio(index)
         if folio is None:
             raise MfillError(errno.EFAULT)
-        if folio.flags & PG.hwpoison:
+        if int(folio.flags) & _PG_HWPOISON:  # (IntFlag's & is a Python call)
             raise MfillError(errno.EIO)
         install_pte(mm, vma, addr, folio, True, wp)
         return
@@ -470,7 +471,10 @@ def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp:
                 if data is None:  # not a TLB hit: walk the source's tables
                     data = copy_from_user_nofault(mm, src)
                 if data is not None:
-                    mfill_pte(ctx, vma, dst, mode, wp, data)
+                    if vma.vm_file is None or not vma.vm_flags & VM_SHARED:
+                        _copy_anon_page(mm, vma, dst, wp, data)
+                    else:
+                        mfill_pte(ctx, vma, dst, mode, wp, data)
                     return PAGE_SIZE
             else:
                 if mode is MfillMode.CONTINUE and vma.vm_file is None:
@@ -491,3 +495,34 @@ def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp:
         vma = _dst_vma(ctx, dst, PAGE_SIZE, mode, wp)
         mfill_pte(ctx, vma, dst, mode, wp, data)
     return PAGE_SIZE
+
+
+def _copy_anon_page(mm: Any, vma: Vma, addr: int, wp: bool, data: Any) -> None:
+    """COPY of one page into private memory: ``mfill_pte`` -> ``_new_anon_folio`` ->
+    ``install_pte`` written out in one frame (``mfill_atomic_pte_copy`` +
+    ``mfill_atomic_install_pte``), in their order: the folio is allocated and
+    filled first, then an occupied PTE gives it back and fails with EEXIST.
+    """
+    folio = mm.phys.alloc_folio(0)
+    if folio is None:
+        raise MfillError(errno.ENOMEM)
+    folio.data[:] = data
+    folio.flags = _NEW_ANON_FOLIO_FLAGS
+    folio.mapping = vma.anon_vma or anon_vma_prepare(vma)
+    folio.index = vma.vm_pgoff + ((addr - vma.vm_start) >> PAGE_SHIFT)  # linear_page_index
+    table = mm.pgtables.pte_table(addr, True)
+    idx = (addr >> PAGE_SHIFT) & 511
+    if table is None or (table[idx] and not is_pte_marker(table[idx])):  # pte_none_mostly
+        _put_unmapped(mm, folio)
+        raise MfillError(errno.EEXIST)
+    vm_flags = vma.vm_flags
+    prot = _PROT.get(vm_flags)
+    if prot is None:
+        prot = _PROT[vm_flags] = vm_get_page_prot(vm_flags)
+    pte = (folio.pfn << PAGE_SHIFT) | prot | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
+    pte = pte | _PAGE_RW if vm_flags & VM_WRITE else pte & ~_PAGE_RW
+    if wp:
+        pte = (pte | _PAGE_UFFD_WP) & ~_PAGE_RW
+    folio.mapcount = 1
+    table[idx] = pte
+    mm.tlb.flush_page(addr)
