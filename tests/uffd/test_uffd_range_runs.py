@@ -7,12 +7,13 @@ path. Hypothesis draws a mixed address space - present pages, zero pages,
 holes, uffd-wp markers and protected pages, on both sides of a PMD
 boundary, sometimes under a memory limit that makes reclaim swap pages
 out - and a sequence of COPY / ZEROPAGE / CONTINUE / MOVE /
-WRITEPROTECT / MADV_DONTNEED calls over ranges that start and end
+WRITEPROTECT / MADV_DONTNEED / fork calls over ranges that start and end
 anywhere; it runs them twice, once as shipped and once with the runs
 switched off (the page path alone, and the write-protect loop as it was
 written page by page), and requires the same result or errno and output
-field for every call, the same page-table entries (pfns aside), page
-contents, folio indexes and memory use, and ``mm.check()`` passing.
+field for every call, and after every call the same page-table entries
+(pfns aside), page contents, folio indexes and memory use, and
+``mm.check()`` passing.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class World:
     def __init__(self, dst_states: list[str], src_states: list[str], wp_pages: list[int],
                  cache: list[bool], mapped: list[bool], limit: int | None = None) -> None:
         p = self.p = vmemu.Process(vmemu.Kernel(mem_limit_pages=limit))
+        self.children: list[Any] = []
         if limit is not None:  # reclaim swaps pages out: swap entries in the windows too
             p.kernel.swapon(pages=512)
         self.dst = self._window(p)
@@ -160,6 +162,9 @@ class World:
                 return ("ok",)
             if kind == "continue":
                 return ("ok", u.continue_(self.shm + start * PAGE_SIZE, length))
+            if kind == "fork":  # every anon page shared with a child: no longer exclusive
+                self.children.append(self.p.fork())
+                return ("ok",)
             self.p.madvise(dst, length, MADV_DONTNEED)
             return ("ok",)
         except OSError as e:
@@ -190,7 +195,7 @@ class World:
 
 pages = st.integers(0, NPAGES - 1)
 ops = st.lists(st.tuples(st.sampled_from(["copy", "zeropage", "move", "wp", "continue",
-                                          "dontneed"]),
+                                          "dontneed", "fork"]),
                          pages, st.integers(1, NPAGES), st.integers(0, 3))
                .map(lambda t: (t[0], t[1], min(t[2], NPAGES - t[1]), t[3])),
                min_size=1, max_size=8)
@@ -216,6 +221,10 @@ ops = st.lists(st.tuples(st.sampled_from(["copy", "zeropage", "move", "wp", "con
 @example(dst=["none"] * NPAGES, src=["data"] * NPAGES, wp_pages=[], cache=[True] * NPAGES,
          mapped=[False] * NPAGES, calls=[("copy", 0, NPAGES, 0), ("copy", 0, NPAGES, 2)],
          limit=60)
+@example(dst=["data"] * NPAGES, src=["data"] * NPAGES, wp_pages=[], cache=[True] * NPAGES,
+         mapped=[False] * NPAGES,
+         calls=[("wp", 0, NPAGES, 1), ("fork", 0, 1, 0), ("wp", 0, NPAGES, 0),
+                ("dontneed", 0, NPAGES, 0), ("move", 0, NPAGES, 0)], limit=None)
 def test_runs_match_the_page_loop(dst: list[str], src: list[str], wp_pages: list[int],
                                   cache: list[bool], mapped: list[bool],
                                   calls: list[tuple[Any, ...]], limit: int | None) -> None:
@@ -227,8 +236,8 @@ def test_runs_match_the_page_loop(dst: list[str], src: list[str], wp_pages: list
         with page_by_page():
             want = slow.run(op)
         assert got == want, op
+        assert fast.state() == slow.state(), op
         fast.p.check()
-    assert fast.state() == slow.state()
 
 
 def test_page_by_page_switch_reaches_the_runs() -> None:

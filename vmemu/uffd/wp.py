@@ -11,6 +11,8 @@ does, and wakes writers sleeping on the range unless asked not to.
 from __future__ import annotations
 
 import errno
+from functools import reduce
+from operator import and_, attrgetter, itemgetter, or_
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -82,6 +84,7 @@ def hugetlb_uffd_wp_range(mm: Any, vma: Vma, start: int, end: int, enable: bool)
 # folio.flags may be a PG (an IntFlag, whose ``&`` is a Python call): test bits by shifting
 _ANON_EXCLUSIVE_SHIFT = PG.anon_exclusive.bit_length() - 1
 _PRESENT_OR_PROTNONE = _PAGE_PRESENT | _PAGE_PROTNONE
+_flags = attrgetter("flags")
 
 
 def _wp_entries(table: list[int], lo: int, hi: int, enable: bool, markers: bool, prot: int,
@@ -104,6 +107,8 @@ def _wp_entries(table: list[int], lo: int, hi: int, enable: bool, markers: bool,
                         for p in table[lo:hi]]
         return
     shift = _ANON_EXCLUSIVE_SHIFT
+    if hi - lo >= 8 and _unprotect_whole(table, lo, hi, prot, try_writable, mem_map):
+        return
     for idx in range(lo, hi):
         pte = table[idx]
         if not pte:
@@ -120,6 +125,29 @@ def _wp_entries(table: list[int], lo: int, hi: int, enable: bool, markers: bool,
                 table[idx] = 0
         else:
             table[idx] = pte & ~_PAGE_SWP_UFFD_WP
+
+
+def _unprotect_whole(table: list[int], lo: int, hi: int, prot: int, try_writable: bool,
+                     mem_map: list[Any]) -> bool:
+    """Un-protect ``table[lo:hi]`` at once if every entry is a protected present page.
+
+    The page loop's tests over the whole slice with C-level helpers (the AND
+    of the entries has the present and uffd-wp bits only if all do, their
+    OR has the special bit if any is the zero page; the folios' flags are
+    ANDed with ``int.__and__``); False, with nothing changed, when any
+    entry needs the loop.
+    """
+    seg = table[lo:hi]
+    want = _PAGE_PRESENT | _PAGE_UFFD_WP
+    if reduce(and_, seg) & want != want or reduce(or_, seg) & _PAGE_SPECIAL:
+        return False
+    if try_writable and not prot & _PAGE_RW:  # writable again only if exclusive anon
+        folios = itemgetter(*[(e & PTE_PFN_MASK) >> PAGE_SHIFT for e in seg])(mem_map)
+        if not reduce(int.__and__, map(_flags, folios)) >> _ANON_EXCLUSIVE_SHIFT & 1:
+            return False
+        prot |= _PAGE_RW
+    table[lo:hi] = [(e & _KEEP) | prot for e in seg]
+    return True
 
 
 def _wp_one_table(mm: Any, vma: Vma, start: int, end: int, enable: bool,
