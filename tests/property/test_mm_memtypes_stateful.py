@@ -1,0 +1,815 @@
+"""Stateful property test: every memory type through the issue-3 syscalls, against a model.
+
+What it models
+--------------
+:class:`MemTypesMachine` drives a root process and the children it forks
+over a window of :data:`NPAGES` pages holding, side by side, the four
+small-page memory types of the kernel's selftests:
+
+* ``anon``: MAP_PRIVATE|MAP_ANONYMOUS;
+* ``shmem``: MAP_SHARED of a memfd, and MAP_SHARED|MAP_ANONYMOUS (a shmem
+  object of its own, sized at mmap time);
+* ``shmem-private``: MAP_PRIVATE of a memfd, copy-on-write over the page cache.
+
+Two memfds exist from the start (sizes not page multiples on purpose) and
+every process inherits them. The rules: mmap (with file offsets,
+MAP_FIXED / MAP_FIXED_NOREPLACE / hint, MAP_POPULATE), munmap, mprotect,
+madvise (DONTNEED, REMOVE, FREE, WILLNEED, COLD, PAGEOUT, POPULATE_READ,
+POPULATE_WRITE, HUGEPAGE, NOHUGEPAGE, COLLAPSE, DONTFORK, DOFORK,
+WIPEONFORK, KEEPONFORK, HWPOISON), mremap (grow, shrink, MAYMOVE, FIXED,
+DONTUNMAP), mlock / mlock2(MLOCK_ONFAULT) / munlock, ftruncate, fallocate
+(allocate, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE), pread, pwrite, fork, exit,
+direct reclaim, and reads and writes from two tasks. The kernel is one of
+three configurations: no swap; swap; swap and a memory limit small enough
+that accesses reclaim and swap back in all the time.
+
+The model (:mod:`memtypes_model`) predicts the bytes of every access in
+every process (aliasing through the page cache, private COW, zero-fill
+versus refault from the page cache after DONTNEED, SIGBUS beyond EOF,
+SIGSEGV), the errno of every call, and after every step:
+``kernel.check()``; every present page equals the model (``follow_page``,
+which faults nothing in); every file reads back (``pread``) as the model;
+/proc/<pid>/maps and the smaps VmFlags ``dc``/``wf``/``lo`` agree with it;
+the software TLB holds no translation the model forbids.
+
+Where the model needed a decision it was settled on the real 6.18 kernel
+of this machine (see the comments at each rule); MADV_HWPOISON follows
+``mm/memory-failure.c`` (that kernel is built without it).
+
+:mod:`test_mm_huge_stateful` does the same for hugetlb and THP.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import attrs
+from hypothesis import event
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
+from memtypes_model import (
+    ZERO_PAGE,
+    FileModel,
+    PageModel,
+    Pages,
+    fork_pages,
+    merged,
+    parse_smaps_flags,
+    parse_vmas,
+    plan_access,
+    runs,
+)
+from test_mm_stateful import PROTS, Addr, Named, named, pattern, scaled
+
+from vmemu import (
+    BUS_MCEERR_AR,
+    MADV_COLD,
+    MADV_COLLAPSE,
+    MADV_DOFORK,
+    MADV_DONTFORK,
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_HUGEPAGE,
+    MADV_HWPOISON,
+    MADV_KEEPONFORK,
+    MADV_NOHUGEPAGE,
+    MADV_PAGEOUT,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    MADV_REMOVE,
+    MADV_WILLNEED,
+    MADV_WIPEONFORK,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_POPULATE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MMAP_MIN_ADDR,
+    MREMAP_DONTUNMAP,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+    TASK_SIZE,
+    Kernel,
+    Process,
+    Sigbus,
+    Signal,
+)
+from vmemu.mmu.gup import EHWPOISON, follow_page
+from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from vmemu.mmu.mlock import MLOCK_ONFAULT
+from vmemu.mmu.vmscan import try_to_free_pages
+
+BASE = 0x1000_0000
+NPAGES = 32
+MAX_PROCS = 4
+MAX_LOCKED = 12  # model pages locked at once, so a memory limit can always reclaim
+MEM_LIMIT = 40
+_OFF = PAGE_SIZE - 1
+RW = PROT_READ | PROT_WRITE
+
+# (name, needs a memfd, MAP_SHARED)
+KINDS = ["anon", "shmem-anon", "memfd-shared", "memfd-private"]
+ADVICE = [named(n) for n in (
+    "MADV_DONTNEED", "MADV_REMOVE", "MADV_FREE", "MADV_WILLNEED", "MADV_COLD", "MADV_PAGEOUT",
+    "MADV_POPULATE_READ", "MADV_POPULATE_WRITE", "MADV_HUGEPAGE", "MADV_NOHUGEPAGE",
+    "MADV_COLLAPSE", "MADV_DONTFORK", "MADV_DOFORK", "MADV_WIPEONFORK", "MADV_KEEPONFORK")]
+REMAP_FLAGS = [named(*n) if n else Named(0, "0") for n in (
+    (), ("MREMAP_MAYMOVE",), ("MREMAP_MAYMOVE", "MREMAP_FIXED"),
+    ("MREMAP_MAYMOVE", "MREMAP_DONTUNMAP"), ("MREMAP_MAYMOVE", "MREMAP_FIXED", "MREMAP_DONTUNMAP"),
+    ("MREMAP_FIXED",))]
+FALLOC_MODES = [Named(0, "0"), Named(FALLOC_FL_KEEP_SIZE, "FALLOC_FL_KEEP_SIZE"),
+                Named(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      "FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE"),
+                Named(FALLOC_FL_PUNCH_HOLE, "FALLOC_FL_PUNCH_HOLE")]
+
+pages_st = st.integers(0, NPAGES - 1)
+access_pages_st = st.one_of(st.integers(0, 3), pages_st)
+npages_st = st.integers(1, 8)
+offsets_st = st.one_of(st.sampled_from([0, 1, PAGE_SIZE - 8, PAGE_SIZE - 1]),
+                       st.integers(0, PAGE_SIZE - 1))
+file_offsets_st = st.one_of(st.integers(0, 12 * PAGE_SIZE),
+                            st.integers(0, 12).map(lambda i: i * PAGE_SIZE))
+sizes_st = st.one_of(st.integers(0, 12).map(lambda i: i * PAGE_SIZE), st.integers(0, 12 * PAGE_SIZE))
+tasks_st = st.sampled_from(["main", "worker"])
+
+
+def window_addr(page: int, off: int = 0) -> Addr:
+    """The address ``off`` bytes into page ``page`` of the window."""
+    return Addr(BASE + page * PAGE_SIZE + off)
+
+
+class MemTypesMachine(RuleBasedStateMachine):
+    """Processes over anon, shmem and shmem-private memory, against :mod:`memtypes_model`."""
+
+    procs = Bundle("procs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel: Kernel
+        self.model: dict[Process, Pages] = {}
+        self.root: Process
+        self.files: list[FileModel] = []
+        self.next_obj = 0
+        self.swap = False
+
+    # -- helpers ---------------------------------------------------------------
+
+    def expect_errno(self, want: int | None, fn: object, *args: object) -> object:
+        """Call ``fn(*args)``; it must fail with ``want`` (or succeed when None)."""
+        name = getattr(fn, "__name__", "call")
+        event(f"{name}: {errno.errorcode.get(want, want) if want else 'ok'}")
+        try:
+            got = fn(*args)  # type: ignore[operator]
+        except OSError as e:
+            assert e.errno == want, f"{name}{args}: errno {e.errno} ({e}), model expects {want}"
+            return None
+        assert want is None, f"{name}{args} succeeded, model expects errno {want}"
+        return got
+
+    def check_signal(self, sig: Signal | None, want: tuple[type, int, int, int] | None) -> None:
+        """A signal the model predicted, or none when it did not."""
+        event(f"access: {want[0].__name__ if want else 'ok'}")
+        if want is None:
+            assert sig is None, f"unexpected {sig!r} (si_addr {sig.si_addr:#x})"
+            return
+        assert sig is not None, f"model expects {want}, access succeeded"
+        got = (type(sig), sig.si_code, sig.si_addr, sig.done)
+        assert got == want, f"signal {got} != model {want}"
+
+    def vmas(self, p: Process) -> list[tuple[int, int, str]]:
+        """The emulator's VMAs of ``p`` (start_vpn, end_vpn, perms)."""
+        return parse_vmas(p.maps())
+
+    def new_object(self, npages: int) -> FileModel:
+        """The shmem object of a MAP_SHARED|MAP_ANONYMOUS mmap."""
+        self.next_obj += 1
+        return FileModel(f"shm{self.next_obj}", npages * PAGE_SIZE)
+
+    def populate_model(self, p: Process, start: int, end: int) -> None:
+        """What ``mm_populate(ignore_errors)`` does to the model: COW of private writable file pages.
+
+        MAP_POPULATE, mlock and a locked mremap fault the range in, with a
+        write fault where ``(VM_WRITE | VM_SHARED) == VM_WRITE``
+        (``populate_vma_page_range``). A fault that fails (SIGBUS beyond
+        EOF, a poisoned page) ends that VMA's part and the walk goes on at
+        the next VMA (``__mm_populate``).
+        """
+        pages = self.model[p]
+        for s, e, perms in self.vmas(p):
+            s, e = max(s, start), min(e, end)
+            if s >= e or perms.startswith("---"):
+                continue
+            for vpn in range(s, e):
+                pg = pages[vpn]
+                if pg.sigbus() is not None:
+                    break
+                if pg.writable() and not pg.vm_shared():
+                    pg.cow()
+
+    def locked_pages(self) -> int:
+        return sum(pg.locked for pages in self.model.values() for pg in pages.values())
+
+    # -- processes -------------------------------------------------------------
+
+    @initialize(target=procs, config=st.sampled_from(["noswap", "swap", "pressure"]),
+                sizes=st.tuples(sizes_st, sizes_st),
+                layout=st.lists(st.sampled_from(KINDS), min_size=4, max_size=4))
+    def start(self, config: str, sizes: tuple[int, int], layout: list[str]) -> Process:
+        """The root: two memfds, its window in four 8-page parts of drawn kinds, partly written."""
+        event(f"config {config}")
+        self.kernel = Kernel(mem_limit_pages=MEM_LIMIT if config == "pressure" else None)
+        if config != "noswap":
+            self.kernel.swapon(pages=1024)
+            self.swap = True
+        p = self.kernel.spawn("p0")
+        self.root = p
+        self.model[p] = {}
+        for i, size in enumerate(sizes):
+            fd = p.memfd_create(f"f{i}")
+            p.ftruncate(fd, size)
+            self.files.append(FileModel(f"f{i}", size, fd=fd))
+        for part, kind in enumerate(layout):
+            self.do_mmap(p, kind, 0, part * 8, 8, RW, "MAP_FIXED", False, 0)
+        for page in [0, 1, 2, 3, *range(4, NPAGES, 3)]:
+            data = pattern(page, PAGE_SIZE)
+            segs, sig = plan_access(self.model[p], window_addr(page), PAGE_SIZE, True)
+            try:
+                p.write(window_addr(page), data)
+            except Signal as e:  # beyond a memfd's end
+                self.check_signal(e, sig)
+                continue
+            self.check_signal(None, sig)
+            self.model[p][page + (BASE >> PAGE_SHIFT)].store(0, data)
+        return p
+
+    @precondition(lambda self: len(self.model) < MAX_PROCS)
+    @rule(target=procs, p=procs)
+    def fork(self, p: Process) -> Process:
+        event("fork")
+        child = p.fork(f"p{len(self.model)}")
+        self.model[child] = fork_pages(self.model[p])
+        return child
+
+    @precondition(lambda self: len(self.model) > 1)
+    @rule(target=procs, p=consumes(procs))
+    def exit(self, p: Process) -> object:
+        if p is self.root:
+            return p
+        event("exit")
+        p.exit()
+        del self.model[p]
+        return multiple()
+
+    # -- mmap, munmap, mprotect ----------------------------------------------------
+
+    def do_mmap(self, p: Process, kind: str, file_no: int, page: int, npages: int, prot: int,
+                how: str, populate: bool, pgoff: int, addr_slop: int = 0, len_slop: int = 0,
+                off_slop: int = 0) -> None:
+        pages = self.model[p]
+        addr = 0 if how == "none" else window_addr(page, addr_slop)
+        length = npages * PAGE_SIZE - len_slop
+        file = self.files[file_no] if kind.startswith("memfd") else None
+        flags = MAP_SHARED if kind in ("shmem-anon", "memfd-shared") else MAP_PRIVATE
+        if file is None:
+            flags |= MAP_ANONYMOUS
+        flags |= {"MAP_FIXED": MAP_FIXED, "MAP_FIXED_NOREPLACE": MAP_FIXED_NOREPLACE}.get(how, 0)
+        if populate:
+            flags |= MAP_POPULATE
+        offset = pgoff * PAGE_SIZE + off_slop if file is not None else 0
+        aligned = addr & ~_OFF
+        vpn0 = aligned >> PAGE_SHIFT
+        overlap = any(v in pages for v in range(vpn0, vpn0 + npages))
+        want = None
+        if how.startswith("MAP_FIXED") and addr_slop or off_slop:
+            want = errno.EINVAL
+        elif how == "MAP_FIXED_NOREPLACE" and overlap:
+            want = errno.EEXIST
+        got = self.expect_errno(want, p.mmap, addr, length, prot, flags,
+                                -1 if file is None else file.fd, offset)
+        if want is not None:
+            return
+        assert isinstance(got, int) and got & _OFF == 0, f"mmap returned {got!r}"
+        if how.startswith("MAP_FIXED") or how == "hint" and not overlap:
+            assert got == aligned, f"mmap at {got:#x}, model expects {aligned:#x}"
+        else:
+            assert MMAP_MIN_ADDR <= got <= TASK_SIZE - npages * PAGE_SIZE
+            assert not any(v in pages for v in range(got >> PAGE_SHIFT,
+                                                     (got >> PAGE_SHIFT) + npages)), \
+                f"mmap placed {got:#x} over an existing mapping"
+        if kind == "shmem-anon":
+            file = self.new_object(npages)
+        model_kind = {"anon": "anon", "shmem-anon": "shared", "memfd-shared": "shared",
+                      "memfd-private": "private"}[kind]
+        first = got >> PAGE_SHIFT
+        for i in range(npages):
+            pages[first + i] = PageModel(prot, model_kind, file, pgoff + i)
+        if populate:
+            self.populate_model(p, first, first + npages)
+
+    @rule(p=procs, kind=st.sampled_from(KINDS), file_no=st.integers(0, 1), page=pages_st,
+          npages=npages_st, prot=st.sampled_from(PROTS),
+          how=st.sampled_from(["hint", "MAP_FIXED", "MAP_FIXED_NOREPLACE", "none"]),
+          populate=st.booleans(), pgoff=st.integers(0, 8),
+          slop=st.sampled_from(["", "", "", "addr", "len", "off"]))
+    def mmap(self, p: Process, kind: str, file_no: int, page: int, npages: int, prot: int,
+             how: str, populate: bool, pgoff: int, slop: str) -> None:
+        file_backed = kind.startswith("memfd")
+        self.do_mmap(p, kind, file_no, page, npages, prot, how, populate,
+                     pgoff if file_backed else 0,
+                     addr_slop=1 if slop == "addr" and how != "none" else 0,
+                     len_slop=_OFF if slop == "len" else 0,
+                     off_slop=1 if slop == "off" and file_backed else 0)
+
+    @rule(p=procs, page=pages_st, npages=st.integers(1, 10), addr_slop=st.sampled_from([0, 0, 0, 1]))
+    def munmap(self, p: Process, page: int, npages: int, addr_slop: int) -> None:
+        pages = self.model[p]
+        addr = window_addr(page, addr_slop)
+        want = errno.EINVAL if addr_slop else None
+        self.expect_errno(want, p.munmap, addr, npages * PAGE_SIZE)
+        if want is None:
+            for v in range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages):
+                pages.pop(v, None)
+
+    @rule(p=procs, page=pages_st, npages=npages_st, prot=st.sampled_from(PROTS))
+    def mprotect(self, p: Process, page: int, npages: int, prot: int) -> None:
+        pages = self.model[p]
+        addr = window_addr(page)
+        want = None
+        for v in range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages):
+            pg = pages.get(v)
+            if pg is None:  # a hole: ENOMEM, keeping what was done before it
+                want = errno.ENOMEM
+                break
+            pg.prot = prot
+        self.expect_errno(want, p.mprotect, addr, npages * PAGE_SIZE, prot)
+
+    # -- madvise -----------------------------------------------------------------
+
+    def free_model(self, p: Process, pg: PageModel, vpn: int) -> None:
+        """MADV_FREE on one private anonymous page (``madvise_free_pte_range``).
+
+        A present page mapped once becomes lazily freeable (its bytes, or
+        zeros once reclaim discards it); a page mapped by several processes
+        is left alone; a swapped-out page is dropped with its swap entry.
+        Which of these holds is the emulator's swap state, read from pagemap.
+        """
+        entry = p.pagemap(vpn << PAGE_SHIFT)
+        present, swapped, exclusive = entry >> 63 & 1, entry >> 62 & 1, entry >> 56 & 1
+        if swapped:
+            pg.data, pg.lazy = None, False
+        elif present and exclusive and pg.data is not None:
+            pg.lazy = True
+
+    @rule(p=procs, page=pages_st, npages=npages_st, advice=st.sampled_from(ADVICE))
+    def madvise(self, p: Process, page: int, npages: int, advice: int) -> None:
+        pages = self.model[p]
+        addr = window_addr(page)
+        vpns = range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages)
+        if advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
+            self.madvise_populate(p, addr, npages, advice == MADV_POPULATE_WRITE)
+            return
+        if advice == MADV_FREE and any(v in pages and pages[v].kind == "anon"
+                                       and pages[v].poisoned for v in vpns):
+            # excluded: MADV_FREE over a hwpoison entry is not decided (no
+            # CONFIG_MEMORY_FAILURE on the reference kernel to ask)
+            event("excluded: MADV_FREE over hwpoison")
+            return
+        want = None
+        unmapped = False
+        for v in vpns:
+            pg = pages.get(v)
+            if pg is None:
+                unmapped = True  # holes are skipped, ENOMEM at the end
+                continue
+            if advice == MADV_COLLAPSE:
+                want = errno.EINVAL  # no 2 MiB-aligned range fits in a 32-page window
+                break
+            if advice in (MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT, MADV_REMOVE) \
+                    and pg.locked:
+                want = errno.EINVAL
+                break
+            if advice == MADV_DONTNEED:
+                pg.data, pg.lazy, pg.poisoned = None, False, False
+            elif advice == MADV_FREE:
+                if pg.kind != "anon":
+                    want = errno.EINVAL
+                    break
+                self.free_model(p, pg, v)
+            elif advice == MADV_REMOVE:
+                if pg.kind == "anon":
+                    want = errno.EINVAL
+                    break
+                if pg.kind == "private":
+                    want = errno.EACCES
+                    break
+                assert pg.file is not None
+                start = pg.index * PAGE_SIZE
+                pg.file.zero(start, min(start + PAGE_SIZE, pg.file.size))
+            elif advice == MADV_DONTFORK:
+                pg.dontfork = True
+            elif advice == MADV_DOFORK:
+                pg.dontfork = False
+            elif advice == MADV_WIPEONFORK:
+                if pg.kind != "anon":
+                    want = errno.EINVAL
+                    break
+                pg.wipeonfork = True
+            elif advice == MADV_KEEPONFORK:
+                pg.wipeonfork = False
+        if want is None and unmapped:
+            want = errno.ENOMEM
+        event(f"madvise {advice!r}: {errno.errorcode.get(want, want) if want else 'ok'}")
+        self.expect_errno(want, p.madvise, addr, npages * PAGE_SIZE, advice)
+
+    def madvise_populate(self, p: Process, addr: int, npages: int, write: bool) -> None:
+        """MADV_POPULATE_READ/WRITE (``madvise_populate``), page by page.
+
+        A hole is ENOMEM; a VMA without the access (``check_vma_flags``) is
+        EINVAL; a fault that would SIGBUS is EFAULT, a poisoned page
+        EHWPOISON; the pages before the failure were populated (a write
+        populate of a private file page COWs it).
+        """
+        pages = self.model[p]
+        want = None
+        for v in range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages):
+            pg = pages.get(v)
+            if pg is None:
+                want = errno.ENOMEM
+                break
+            if not (pg.prot & (PROT_WRITE if write else PROT_READ)):
+                want = errno.EINVAL
+                break
+            if pg.poisoned:
+                want = EHWPOISON
+                break
+            if pg.sigbus() is not None:
+                want = errno.EFAULT
+                break
+            if write:
+                pg.cow()
+        self.expect_errno(want, p.madvise, addr, npages * PAGE_SIZE,
+                          MADV_POPULATE_WRITE if write else MADV_POPULATE_READ)
+
+    @precondition(lambda self: not self.swap)
+    @rule(p=procs, page=access_pages_st)
+    def hwpoison(self, p: Process, page: int) -> None:
+        """MADV_HWPOISON of one written private page (``madvise_inject_error``).
+
+        The frame is unmapped from every process that shares it (after fork,
+        until one of them writes): the model finds those as the pages whose
+        bytes are the same object. The caller gets SIGBUS BUS_MCEERR_AR at
+        the page (it was dirty); any later access is SIGBUS too.
+        """
+        addr = window_addr(page)
+        pg = self.model[p].get(addr >> PAGE_SHIFT)
+        if pg is None or pg.kind == "shared" or pg.data is None or not pg.prot & PROT_READ \
+                or pg.lazy or pg.poisoned:
+            return  # only a written private page has a frame of its own to poison
+        frame = pg.data
+        for pages in self.model.values():
+            for other in pages.values():
+                if other.data is frame and other.kind != "shared":
+                    other.poisoned = True
+        event("hwpoison")
+        try:
+            p.madvise(addr, PAGE_SIZE, MADV_HWPOISON)
+            sig = None
+        except Signal as e:
+            sig = e
+        self.check_signal(sig, (Sigbus, BUS_MCEERR_AR, addr, 0))
+
+    # -- mremap --------------------------------------------------------------------
+
+    @rule(p=procs, page=pages_st, old_n=st.integers(0, 6), new_n=st.integers(1, 8),
+          flags=st.sampled_from(REMAP_FLAGS), dest=pages_st)
+    def mremap(self, p: Process, page: int, old_n: int, new_n: int, flags: int, dest: int) -> None:
+        pages = self.model[p]
+        addr = window_addr(page)
+        new_addr = window_addr(dest) if flags & MREMAP_FIXED else 0
+        old_len, new_len = old_n * PAGE_SIZE, new_n * PAGE_SIZE
+        if flags & MREMAP_DONTUNMAP and not flags & MREMAP_FIXED and old_n:
+            new_n = old_n  # DONTUNMAP moves without resizing
+            new_len = old_len
+        want = self.mremap_errno(p, addr, old_len, new_len, flags, new_addr)
+        if want == "skip":
+            event("mremap: old_len 0 of a shared mapping, not modelled")
+            return
+        got = self.expect_errno(want, p.mremap, addr, old_len, new_len, flags, new_addr)
+        if want is not None:
+            return
+        assert isinstance(got, int)
+        old, new = addr >> PAGE_SHIFT, got >> PAGE_SHIFT
+        if new == old:
+            if new_n < old_n:  # shrink in place
+                for v in range(old + new_n, old + old_n):
+                    pages.pop(v, None)
+            elif new_n > old_n:  # grew in place
+                self.grow(pages, old, old_n, new_n, p)
+            return
+        event(f"mremap moved {'DONTUNMAP' if flags & MREMAP_DONTUNMAP else ''}")
+        if flags & MREMAP_FIXED:
+            for v in range(new, new + new_n):
+                pages.pop(v, None)
+        else:
+            assert not any(v in pages for v in range(new, new + new_n)), \
+                f"mremap moved to {got:#x} over a mapping"
+        moved = {v: pages[v] for v in range(old, old + min(old_n, new_n)) if v in pages}
+        for v in range(old, old + old_n):
+            if flags & MREMAP_DONTUNMAP and v in moved:
+                src = attrs.evolve(moved[v])
+                src.locked = False  # move_vma clears VM_LOCKED on the old VMA
+                if src.kind != "shared":  # the pages went; anon reads zero, a file refaults
+                    src.data, src.lazy, src.poisoned = None, False, False
+                pages[v] = src
+            else:
+                pages.pop(v, None)
+        for v, pg in moved.items():
+            pages[new + v - old] = pg
+        if new_n > old_n:
+            self.grow(pages, new, old_n, new_n, p)
+
+    def grow(self, pages: Pages, start: int, old_n: int, new_n: int, p: Process) -> None:
+        """Pages added by growing a mapping: the VMA's kind, next file indexes, zero data."""
+        last = pages[start + old_n - 1]
+        for i in range(old_n, new_n):
+            pages[start + i] = PageModel(last.prot, last.kind, last.file, last.index + i - old_n + 1,
+                                         dontfork=last.dontfork, wipeonfork=last.wipeonfork,
+                                         locked=last.locked)
+        if last.locked:
+            self.populate_model(p, start + old_n, start + new_n)
+
+    def mremap_errno(self, p: Process, addr: int, old_len: int, new_len: int, flags: int,
+                     new_addr: int) -> int | None | str:
+        """The errno of an mremap, in ``check_mremap_params`` / ``check_prep_vma`` order.
+
+        VMA boundaries come from the emulator's own maps: whether two
+        adjacent compatible ranges merged is the VMA tests' business, not
+        this model's.
+        """
+        if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
+            if not flags & MREMAP_MAYMOVE:
+                return errno.EINVAL
+            if flags & MREMAP_DONTUNMAP and old_len != new_len:
+                return errno.EINVAL
+            if addr + old_len > new_addr and new_addr + new_len > addr:
+                return errno.EINVAL
+        vmas = self.vmas(p)
+        vpn = addr >> PAGE_SHIFT
+        vma = next(((s, e) for s, e, _ in vmas if s <= vpn < e), None)
+        if flags & MREMAP_FIXED and old_len == new_len:  # a pure move may span VMAs
+            if vma is None:
+                return errno.EFAULT
+            if old_len == 0:
+                return "skip"
+            return None
+        if vma is None:
+            return errno.EFAULT
+        pg = self.model[p][vpn]
+        moves = bool(flags & (MREMAP_FIXED | MREMAP_DONTUNMAP))
+        if new_len <= old_len and not moves:
+            return None
+        if old_len == 0:
+            if pg.kind == "shared":
+                return "skip"  # the duplicate-a-shared-mapping trick: not modelled
+            return errno.EINVAL
+        if min(old_len, new_len) > (vma[1] - vpn) * PAGE_SIZE:
+            return errno.EFAULT
+        if new_len <= old_len or moves:
+            return None
+        if (vma[1] - vpn) * PAGE_SIZE == old_len:
+            end = vma[1] + (new_len - old_len) // PAGE_SIZE
+            if not any(s < end and e > vma[1] for s, e, _ in vmas):
+                return None  # grows in place
+        return None if flags & MREMAP_MAYMOVE else errno.ENOMEM
+
+    # -- mlock ---------------------------------------------------------------------
+
+    @staticmethod
+    def mlock_populate_model(pages: Pages, vpns: range) -> int | None:
+        """mlock's ``__mm_populate(ignore_errors=0)``: stop at the first failure, ENOMEM.
+
+        Checked on 6.18: a PROT_NONE page (no FOLL_FORCE for an inaccessible
+        VMA) or a page beyond EOF fails; the private writable file pages
+        before it were COWed; EFAULT becomes ENOMEM
+        (``__mlock_posix_error_return``).
+        """
+        for v in vpns:
+            pg = pages[v]
+            if not pg.readable() or pg.sigbus() is not None:
+                return errno.ENOMEM
+            if pg.writable() and not pg.vm_shared():
+                pg.cow()
+        return None
+
+    @rule(p=procs, page=pages_st, npages=npages_st, onfault=st.booleans(), lock=st.booleans())
+    def mlock(self, p: Process, page: int, npages: int, onfault: bool, lock: bool) -> None:
+        pages = self.model[p]
+        addr = window_addr(page)
+        vpns = range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages)
+        if lock and self.locked_pages() + npages > MAX_LOCKED:
+            lock = False
+        want = None
+        for v in vpns:  # apply_vma_lock_flags: up to the first hole, then ENOMEM
+            if v not in pages:
+                want = errno.ENOMEM
+                break
+            pages[v].locked = lock
+        if lock:
+            if want is None and not onfault:
+                want = self.mlock_populate_model(pages, vpns)
+            self.expect_errno(want, p.mlock, addr, npages * PAGE_SIZE,
+                              MLOCK_ONFAULT if onfault else 0)
+        else:
+            self.expect_errno(want, p.munlock, addr, npages * PAGE_SIZE)
+
+    # -- the memfds ----------------------------------------------------------------
+
+    def file_mappings(self, file: FileModel) -> list[PageModel]:
+        return [pg for pages in self.model.values() for pg in pages.values() if pg.file is file]
+
+    @rule(file_no=st.integers(0, 1), size=sizes_st)
+    def ftruncate(self, file_no: int, size: int) -> None:
+        f = self.files[file_no]
+        self.expect_errno(None, self.root.ftruncate, f.fd, size)
+        f.truncate(size)
+        for pg in self.file_mappings(f):
+            if f.beyond_eof(pg.index):  # private COW copies beyond the end are zapped
+                pg.data, pg.lazy, pg.poisoned = None, False, False
+
+    @rule(file_no=st.integers(0, 1), mode=st.sampled_from(FALLOC_MODES), offset=file_offsets_st,
+          length=st.integers(0, 6 * PAGE_SIZE))
+    def fallocate(self, file_no: int, mode: int, offset: int, length: int) -> None:
+        f = self.files[file_no]
+        want = None
+        if length <= 0:
+            want = errno.EINVAL
+        elif mode == FALLOC_FL_PUNCH_HOLE:
+            want = errno.EOPNOTSUPP
+        self.expect_errno(want, self.root.fallocate, f.fd, mode, offset, length)
+        if want is not None:
+            return
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            f.zero(offset, offset + length)
+        elif not mode & FALLOC_FL_KEEP_SIZE:
+            f.size = max(f.size, offset + length)
+
+    @rule(file_no=st.integers(0, 1), offset=file_offsets_st, n=st.integers(0, 3 * PAGE_SIZE))
+    def pread(self, file_no: int, offset: int, n: int) -> None:
+        f = self.files[file_no]
+        got = self.expect_errno(None, self.root.pread, f.fd, n, offset)
+        assert got == f.read(offset, n), f"pread({f}, {n}, {offset:#x}) differs from the model"
+
+    @rule(file_no=st.integers(0, 1), offset=file_offsets_st, n=st.integers(1, 2 * PAGE_SIZE),
+          fill=st.integers(0, 254))
+    def pwrite(self, file_no: int, offset: int, n: int, fill: int) -> None:
+        f = self.files[file_no]
+        data = pattern(fill, n)
+        got = self.expect_errno(None, self.root.pwrite, f.fd, data, offset)
+        assert got == n
+        f.write(offset, data)
+
+    @precondition(lambda self: self.swap)
+    @rule(nr=st.integers(1, 16))
+    def reclaim(self, nr: int) -> None:
+        """Direct reclaim (``try_to_free_pages``): contents must not change."""
+        event("reclaim")
+        try_to_free_pages(self.kernel.phys, nr)
+
+    # -- accesses ------------------------------------------------------------------
+
+    def access(self, p: Process, task: str, addr: int, n: int, data: bytes | None) -> None:
+        """One read (``data`` None) or write, checked against the model."""
+        pages = self.model[p]
+        segs, want_sig = plan_access(pages, addr, n, data is not None)
+        lazy = [s for s in segs if pages[s.vpn].lazy]
+        try:
+            if data is None:
+                got = p.thread(task).read(addr, n)
+            else:
+                p.thread(task).write(addr, data)
+            sig = None
+        except Signal as e:
+            sig = e
+        self.check_signal(sig, want_sig)
+        if data is None and sig is not None:
+            return  # the bytes read before the fault are not returned
+        done = 0
+        for s in segs:
+            pg = pages[s.vpn]
+            if data is None:
+                part = got[done:done + s.n]
+                ok = [c for c in pg.candidates() if c[s.off:s.off + s.n] == part]
+                assert ok, f"{p!r}: read at {(s.vpn << PAGE_SHIFT) + s.off:#x} differs from the model"
+                if pg.lazy and ok == [ZERO_PAGE]:
+                    pg.data, pg.lazy = None, False  # reclaim discarded it
+            elif s in lazy:  # which base did the write land on? the page says
+                now = p.kernel_read(s.vpn << PAGE_SHIFT, PAGE_SIZE)
+                bases = [c for c in pg.candidates()
+                         if c[:s.off] == now[:s.off] and c[s.off + s.n:] == now[s.off + s.n:]]
+                assert bases, f"{p!r}: write to a lazily freed page left {now[:16]!r}..."
+                pg.store(s.off, data[done:done + s.n], bases[0])
+            else:
+                if pg.kind == "private":
+                    pg.cow()
+                pg.store(s.off, data[done:done + s.n])
+            done += s.n
+
+    @rule(p=procs, task=tasks_st, page=access_pages_st, off=offsets_st,
+          n=st.one_of(st.integers(1, 16), st.integers(1, 2 * PAGE_SIZE)))
+    def read(self, p: Process, task: str, page: int, off: int, n: int) -> None:
+        self.access(p, task, window_addr(page, off), n, None)
+
+    @rule(p=procs, task=tasks_st, page=access_pages_st, off=offsets_st,
+          n=st.one_of(st.integers(1, 16), st.integers(1, 2 * PAGE_SIZE)),
+          fill=st.integers(0, 254))
+    def write(self, p: Process, task: str, page: int, off: int, n: int, fill: int) -> None:
+        self.access(p, task, window_addr(page, off), n, pattern(fill, n))
+
+    @rule(p=procs)
+    def read_window(self, p: Process) -> None:
+        for page in range(NPAGES):
+            self.access(p, "main", window_addr(page), PAGE_SIZE, None)
+
+    # -- invariants ----------------------------------------------------------------
+
+    @invariant()
+    def kernel_check(self) -> None:
+        if self.model:
+            self.kernel.check()
+
+    @invariant()
+    def views_match_model(self) -> None:
+        """maps perms and smaps VmFlags dc/wf/lo, range by range."""
+        for p, pages in self.model.items():
+            shown = merged([(s, e, perms) for s, e, perms in self.vmas(p)])
+            want = runs(pages, lambda pg: pg.perms())
+            assert shown == want, f"{p!r} maps {shown} != model {want}"
+            flags = merged([(s, e, ("dc" in f, "wf" in f, "lo" in f))
+                            for s, e, f in parse_smaps_flags(p.smaps())])
+            want = runs(pages, lambda pg: (pg.dontfork, pg.wipeonfork, pg.locked))
+            assert flags == want, f"{p!r} smaps dc/wf/lo {flags} != model {want}"
+
+    @invariant()
+    def memory_matches_model(self) -> None:
+        """Every present page holds what the model says (``follow_page`` faults nothing in)."""
+        for p, pages in self.model.items():
+            for vpn, pg in pages.items():
+                buf = follow_page(p.mm, vpn << PAGE_SHIFT)
+                if buf is None:
+                    continue
+                assert pg.sigbus() is None, f"{p!r}: {vpn << PAGE_SHIFT:#x} is mapped, model: SIGBUS"
+                assert bytes(buf) == pg.content(), \
+                    f"{p!r}: memory at {vpn << PAGE_SHIFT:#x} differs from the model ({pg})"
+
+    @invariant()
+    def files_match_model(self) -> None:
+        if not self.model:
+            return
+        for f in self.files:
+            assert self.root.fstat_size(f.fd) == f.size, f"{f}: size {self.root.fstat_size(f.fd)}"
+            assert self.root.pread(f.fd, f.size, 0) == f.read(0, f.size), f"{f} contents differ"
+
+    @invariant()
+    def tlb_never_exceeds_model(self) -> None:
+        for p, pages in self.model.items():
+            for vpn in p.mm.tlb.r:
+                pg = pages.get(vpn)
+                assert pg is not None and pg.readable() and pg.sigbus() is None, \
+                    f"{p!r}: TLB maps {vpn << PAGE_SHIFT:#x} readable, model says {pg}"
+            for vpn in p.mm.tlb.w:
+                pg = pages.get(vpn)
+                assert pg is not None and pg.writable() and pg.sigbus() is None, \
+                    f"{p!r}: TLB maps {vpn << PAGE_SHIFT:#x} writable, model says {pg}"
+
+    def teardown(self) -> None:
+        if not self.model:
+            return
+        for p in list(self.model):
+            p.exit()
+        self.kernel.check()
+
+
+MemTypesMachine.TestCase.settings = scaled(0.5)
+TestMemTypesStateful = MemTypesMachine.TestCase
+
+
+def test_constants_are_distinct() -> None:
+    """Advice and flag values the model switches on must not collide."""
+    assert len({int(a) for a in ADVICE}) == len(ADVICE)
+    assert MADV_HUGEPAGE != MADV_NOHUGEPAGE and MADV_WILLNEED not in (MADV_COLD, MADV_PAGEOUT)
+    assert PROT_NONE == 0 and 0 not in pattern(0, 600)
