@@ -147,6 +147,7 @@ class PageModel:
     wipeonfork: bool = False
     locked: bool = False
     huge: bool = False  # hugetlb
+    thp: int = 0  # the last of MADV_HUGEPAGE / MADV_NOHUGEPAGE, if any
 
     def sigbus(self) -> int | None:
         """The BUS_* code an access gets, or None."""

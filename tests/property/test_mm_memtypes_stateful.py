@@ -57,6 +57,7 @@ from hypothesis.stateful import (
     rule,
 )
 from memtypes_model import (
+    HPAGE_PAGES,
     ZERO_PAGE,
     FileModel,
     PageModel,
@@ -153,10 +154,26 @@ def window_addr(page: int, off: int = 0) -> Addr:
     return Addr(BASE + page * PAGE_SIZE + off)
 
 
+def cow(pages: Pages, vpn: int) -> None:
+    """A write fault on a private file page copies it; hugetlb copies the whole huge page."""
+    pg = pages[vpn]
+    if pg.kind != "private":
+        return
+    if not pg.huge:
+        pg.cow()
+        return
+    base = vpn - vpn % HPAGE_PAGES
+    for v in range(base, base + HPAGE_PAGES):
+        other = pages.get(v)
+        if other is not None and other.file is pg.file:
+            other.cow()
+
+
 class MemTypesMachine(RuleBasedStateMachine):
     """Processes over anon, shmem and shmem-private memory, against :mod:`memtypes_model`."""
 
     procs = Bundle("procs")
+    max_locked = MAX_LOCKED
 
     def __init__(self) -> None:
         super().__init__()
@@ -219,7 +236,11 @@ class MemTypesMachine(RuleBasedStateMachine):
                 if pg.sigbus() is not None:
                     break
                 if pg.writable() and not pg.vm_shared():
-                    pg.cow()
+                    cow(pages, vpn)
+
+    def checked(self, pages: Pages) -> list[tuple[int, PageModel]]:
+        """The pages whose memory the invariants compare (all of them here)."""
+        return list(pages.items())
 
     def locked_pages(self) -> int:
         return sum(pg.locked for pages in self.model.values() for pg in pages.values())
@@ -431,6 +452,8 @@ class MemTypesMachine(RuleBasedStateMachine):
                 pg.wipeonfork = True
             elif advice == MADV_KEEPONFORK:
                 pg.wipeonfork = False
+            elif advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
+                pg.thp = int(advice)
         if want is None and unmapped:
             want = errno.ENOMEM
         event(f"madvise {advice!r}: {errno.errorcode.get(want, want) if want else 'ok'}")
@@ -461,7 +484,7 @@ class MemTypesMachine(RuleBasedStateMachine):
                 want = errno.EFAULT
                 break
             if write:
-                pg.cow()
+                cow(pages, v)
         self.expect_errno(want, p.madvise, addr, npages * PAGE_SIZE,
                           MADV_POPULATE_WRITE if write else MADV_POPULATE_READ)
 
@@ -498,13 +521,18 @@ class MemTypesMachine(RuleBasedStateMachine):
     @rule(p=procs, page=pages_st, old_n=st.integers(0, 6), new_n=st.integers(1, 8),
           flags=st.sampled_from(REMAP_FLAGS), dest=pages_st)
     def mremap(self, p: Process, page: int, old_n: int, new_n: int, flags: int, dest: int) -> None:
-        pages = self.model[p]
-        addr = window_addr(page)
-        new_addr = window_addr(dest) if flags & MREMAP_FIXED else 0
-        old_len, new_len = old_n * PAGE_SIZE, new_n * PAGE_SIZE
         if flags & MREMAP_DONTUNMAP and not flags & MREMAP_FIXED and old_n:
             new_n = old_n  # DONTUNMAP moves without resizing
-            new_len = old_len
+        self.do_mremap(p, window_addr(page), old_n, new_n, flags,
+                       window_addr(dest) if flags & MREMAP_FIXED else 0)
+
+    def do_mremap(self, p: Process, addr: int, old_n: int, new_n: int, flags: int,
+                  new_addr: int) -> None:
+        pages = self.model[p]
+        old_len, new_len = old_n * PAGE_SIZE, new_n * PAGE_SIZE
+        pg0 = pages.get(addr >> PAGE_SHIFT)
+        if pg0 is not None and pg0.huge:  # hugetlb lengths round up to the huge page
+            old_n, new_n = -(-old_n // HPAGE_PAGES) * HPAGE_PAGES, -(-new_n // HPAGE_PAGES) * HPAGE_PAGES
         want = self.mremap_errno(p, addr, old_len, new_len, flags, new_addr)
         if want == "skip":
             event("mremap: old_len 0 of a shared mapping, not modelled")
@@ -549,7 +577,7 @@ class MemTypesMachine(RuleBasedStateMachine):
         for i in range(old_n, new_n):
             pages[start + i] = PageModel(last.prot, last.kind, last.file, last.index + i - old_n + 1,
                                          dontfork=last.dontfork, wipeonfork=last.wipeonfork,
-                                         locked=last.locked)
+                                         locked=last.locked, huge=last.huge, thp=last.thp)
         if last.locked:
             self.populate_model(p, start + old_n, start + new_n)
 
@@ -580,6 +608,11 @@ class MemTypesMachine(RuleBasedStateMachine):
         if vma is None:
             return errno.EFAULT
         pg = self.model[p][vpn]
+        if pg.huge:  # check_prep_vma: aligned addresses, no growth
+            hp = HPAGE_PAGES * PAGE_SIZE
+            old_len, new_len = -(-old_len // hp) * hp, -(-new_len // hp) * hp
+            if addr % hp or new_addr % hp or new_len > old_len:
+                return errno.EINVAL
         moves = bool(flags & (MREMAP_FIXED | MREMAP_DONTUNMAP))
         if new_len <= old_len and not moves:
             return None
@@ -613,7 +646,7 @@ class MemTypesMachine(RuleBasedStateMachine):
             if not pg.readable() or pg.sigbus() is not None:
                 return errno.ENOMEM
             if pg.writable() and not pg.vm_shared():
-                pg.cow()
+                cow(pages, v)
         return None
 
     @rule(p=procs, page=pages_st, npages=npages_st, onfault=st.booleans(), lock=st.booleans())
@@ -621,7 +654,7 @@ class MemTypesMachine(RuleBasedStateMachine):
         pages = self.model[p]
         addr = window_addr(page)
         vpns = range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages)
-        if lock and self.locked_pages() + npages > MAX_LOCKED:
+        if lock and self.locked_pages() + npages > self.max_locked:
             lock = False
         want = None
         for v in vpns:  # apply_vma_lock_flags: up to the first hole, then ENOMEM
@@ -724,8 +757,7 @@ class MemTypesMachine(RuleBasedStateMachine):
                 assert bases, f"{p!r}: write to a lazily freed page left {now[:16]!r}..."
                 pg.store(s.off, data[done:done + s.n], bases[0])
             else:
-                if pg.kind == "private":
-                    pg.cow()
+                cow(pages, s.vpn)
                 pg.store(s.off, data[done:done + s.n])
             done += s.n
 
@@ -768,7 +800,7 @@ class MemTypesMachine(RuleBasedStateMachine):
     def memory_matches_model(self) -> None:
         """Every present page holds what the model says (``follow_page`` faults nothing in)."""
         for p, pages in self.model.items():
-            for vpn, pg in pages.items():
+            for vpn, pg in self.checked(pages):
                 buf = follow_page(p.mm, vpn << PAGE_SHIFT)
                 if buf is None:
                     continue
