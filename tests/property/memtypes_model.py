@@ -287,16 +287,25 @@ def parse_smaps_flags(text: str) -> list[tuple[int, int, frozenset[str]]]:
     return out
 
 
-def runs(pages: Pages, key: object) -> list[tuple[int, int, object]]:
-    """Maximal runs ``(start_vpn, end_vpn, key(page))`` of consecutive model pages."""
-    out: list[tuple[int, int, object]] = []
+Run = tuple[int, int, object]
+
+
+def runs(pages: Pages) -> tuple[list[Run], list[Run]]:
+    """Maximal runs ``(start_vpn, end_vpn, key)`` of consecutive model pages, for two keys.
+
+    The keys are what /proc shows: the ``rwxp`` perms of maps, and the
+    ``(dc, wf, lo)`` VmFlags of smaps.
+    """
+    perms: list[Run] = []
+    flags: list[Run] = []
     for vpn in sorted(pages):
-        k = key(pages[vpn])  # type: ignore[operator]
-        if out and out[-1][1] == vpn and out[-1][2] == k:
-            out[-1] = (out[-1][0], vpn + 1, k)
-        else:
-            out.append((vpn, vpn + 1, k))
-    return out
+        pg = pages[vpn]
+        for out, k in ((perms, pg.perms()), (flags, (pg.dontfork, pg.wipeonfork, pg.locked))):
+            if out and out[-1][1] == vpn and out[-1][2] == k:
+                out[-1] = (out[-1][0], vpn + 1, k)
+            else:
+                out.append((vpn, vpn + 1, k))
+    return perms, flags
 
 
 def merged(vmas: list[tuple[int, int, object]]) -> list[tuple[int, int, object]]:
