@@ -540,6 +540,9 @@ class MemTypesMachine(RuleBasedStateMachine):
         if pg0 is not None and pg0.huge:  # hugetlb lengths round up to the huge page
             old_n, new_n = -(-old_n // HPAGE_PAGES) * HPAGE_PAGES, -(-new_n // HPAGE_PAGES) * HPAGE_PAGES
         want = self.mremap_errno(p, addr, old_len, new_len, flags, new_addr)
+        if want is None and flags & MREMAP_FIXED and old_n == new_n:
+            self.pure_move(p, addr, old_n, flags, new_addr)
+            return
         if want == "skip":
             event("mremap: not modelled (old_len 0 of a shared mapping, hugetlb pure move)")
             return
@@ -562,31 +565,74 @@ class MemTypesMachine(RuleBasedStateMachine):
                 self.grow(pages, old, old_n, new_n, p)
             return
         event(f"mremap moved {'DONTUNMAP' if flags & MREMAP_DONTUNMAP else ''}")
+        if not flags & MREMAP_FIXED:
+            assert not any(v in pages for v in range(new, new + new_n)), \
+                f"mremap moved to {got:#x} over a mapping"
+        self.move_model(pages, old, old_n, new, new_n, flags, src_vma)
+        if new_n > old_n:
+            self.grow(pages, new, old_n, new_n, p)
+
+    @staticmethod
+    def move_model(pages: Pages, old: int, old_n: int, new: int, new_n: int, flags: int,
+                   src_vma: tuple[int, int]) -> None:
+        """``move_vma``: the destination is cleared (FIXED), the pages move.
+
+        With DONTUNMAP the source stays mapped, empty (anonymous memory reads
+        zero, a file refaults from its page cache), and VM_LOCKED is cleared
+        on the whole old VMA, not only on the moved part (checked on 6.18).
+        """
         if flags & MREMAP_FIXED:
             for v in range(new, new + new_n):
                 pages.pop(v, None)
-        else:
-            assert not any(v in pages for v in range(new, new + new_n)), \
-                f"mremap moved to {got:#x} over a mapping"
         moved = {v: pages[v] for v in range(old, old + min(old_n, new_n)) if v in pages}
         for v in range(old, old + old_n):
             if flags & MREMAP_DONTUNMAP and v in moved:
                 src = attrs.evolve(moved[v])
-                if src.kind != "shared":  # the pages went; anon reads zero, a file refaults
+                if src.kind != "shared":
                     src.data, src.lazy, src.poisoned = None, False, False
                 pages[v] = src
             else:
                 pages.pop(v, None)
         if flags & MREMAP_DONTUNMAP:
-            # dontunmap_complete clears VM_LOCKED on the whole old VMA, not just the
-            # moved part (checked on 6.18)
             for v in range(*src_vma):
                 if v in pages and not new <= v < new + new_n:
                     pages[v] = attrs.evolve(pages[v], locked=False)
         for v, pg in moved.items():
             pages[new + v - old] = pg
-        if new_n > old_n:
-            self.grow(pages, new, old_n, new_n, p)
+
+    def pure_move(self, p: Process, addr: int, n: int, flags: int, new_addr: int) -> None:
+        """A FIXED move without resize: every VMA of the range moves, gaps kept (``remap_move``).
+
+        Each VMA piece is its own move (its own checks, its own part of the
+        destination unmapped: the destination parts facing gaps stay as
+        they were); an error stops the walk after the pieces before it
+        moved. Checked on 6.18.
+        """
+        pages = self.model[p]
+        old, new = addr >> PAGE_SHIFT, new_addr >> PAGE_SHIFT
+        vmas = [(s, e) for s, e, _ in self.vmas(p) if s < old + n and e > old]
+        want = None
+        if not vmas or vmas[0][0] > old:
+            want = errno.EFAULT
+        pieces = []
+        for s, e in vmas:
+            a, b = max(s, old), min(e, old + n)
+            pg = pages[a]
+            dest = new + a - old
+            if pg.huge and (dest % HPAGE_PAGES or flags & MREMAP_DONTUNMAP):
+                want = errno.EINVAL  # check_prep_vma: aligned, and hugetlb is VM_DONTEXPAND
+                break
+            pieces.append((a, b, s, e))
+            if want is not None:
+                break
+        got = self.expect_errno(want, p.mremap, addr, n * PAGE_SIZE, n * PAGE_SIZE, flags,
+                                new_addr)
+        if got is not None:
+            assert got == new_addr, f"mremap moved to {got:#x}, model expects {new_addr:#x}"
+        if want == errno.EFAULT:
+            return
+        for a, b, s, e in pieces:
+            self.move_model(pages, a, b - a, new + a - old, b - a, flags, (s, e))
 
     def grow(self, pages: Pages, start: int, old_n: int, new_n: int, p: Process) -> None:
         """Pages added by growing a mapping: the VMA's kind, next file indexes, zero data."""
