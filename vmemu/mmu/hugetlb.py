@@ -426,15 +426,17 @@ class HugetlbInode(ShmemInode):
     def drop_range(self, first: int, last: int) -> None:
         """Punch 4 KiB page indices ``[first, last)`` (``hugetlbfs_punch_hole``).
 
-        Only whole huge pages go, with their reservations; the mappings of
-        the file's pages are zapped first, private COW copies stay.
+        Only whole huge pages go, with their reservations. Every mapping of
+        the range is zapped first, private COW copies included (unlike shmem:
+        ``hugetlb_vmdelete_list`` passes no ``ref_folio``, observed on 6.18);
+        uffd-wp markers stay.
         """
         order = self.hstate.order
         hfirst = (first + (1 << order) - 1) >> order
         hlast = last >> order
         if hfirst >= hlast:
             return
-        self.unmap_from(hfirst, hlast, even_cows=False, drop_markers=False)
+        self.unmap_from(hfirst, hlast, even_cows=True, drop_markers=False)
         for hidx in range(hfirst, hlast):
             folio = self.huge.pop(hidx, None)
             if folio is not None:
@@ -1043,7 +1045,11 @@ def _mfill_one(mm: MmStruct, vma: Vma, h: HState, haddr: int, mode: Any, wp: boo
     inode: HugetlbInode = vma.vm_file
     hidx = (vma.vm_pgoff >> h.order) + ((haddr - vma.vm_start) >> (PAGE_SHIFT + h.order))
     _pmd, e = _entry_at(mm, haddr)
-    if e:
+    # COPY and CONTINUE may overwrite a marker, uffd-wp or poison (huge_pte_none_mostly);
+    # POISON wants a truly empty entry (huge_pte_none). CONTINUE looks the page cache up
+    # first: no page there is EFAULT even over a present entry (a private COW page).
+    if (e & (_PAGE_PRESENT | _PAGE_PROTNONE) and mode is not modes.CONTINUE) or \
+            (e and mode is modes.POISON):
         raise err(errno.EEXIST)
     shared = bool(vma.vm_flags & VM_SHARED)
     if mode is modes.POISON:
@@ -1055,6 +1061,8 @@ def _mfill_one(mm: MmStruct, vma: Vma, h: HState, haddr: int, mode: Any, wp: boo
         folio = inode.huge.get(hidx)
         if folio is None:
             raise err(errno.EFAULT)
+        if e & (_PAGE_PRESENT | _PAGE_PROTNONE):
+            raise err(errno.EEXIST)
         writable = shared and not wp
     elif shared:
         if hidx in inode.huge:
