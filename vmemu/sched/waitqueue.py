@@ -169,6 +169,7 @@ class WaitQueue:
         deadline = None if timeout is None else runtime.deadline_after(timeout)
         lock = self._lock
         prepare_sleep = runtime.prepare_sleep
+        what = ""
         try:
             while True:
                 with lock:  # prepare_to_wait_event
@@ -182,6 +183,8 @@ class WaitQueue:
                 if condition():
                     return True
                 if before_sleep is not None:
+                    if self.resolver is None:  # about to sleep: format the reason first, so
+                        what = f"{self.name}: {_reason(reason)}"  # the wake-up comes last
                     before_sleep()
                     before_sleep = None
                 if entry.woken:
@@ -199,7 +202,7 @@ class WaitQueue:
                     if condition():  # resolved: no need to queue again to find out
                         return True
                     continue
-                runtime.schedule(f"{self.name}: {_reason(reason)}", deadline, (self,))
+                runtime.schedule(what or f"{self.name}: {_reason(reason)}", deadline, (self,))
                 entry.resolver_tried = False
         finally:
             if entry.queued:  # finish_wait

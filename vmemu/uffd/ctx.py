@@ -333,37 +333,35 @@ class Userfaultfd:
             raise_errno(errno.EINVAL)
         out: list[UffdMsg] = []
         room = nbytes // UFFD_MSG_SIZE
-        pending = self.fault_pending
-        if pending and not self.tracer.enabled:  # faults first: the fault branch of _dequeue_one
-            with self.lock:
-                while pending and len(out) < room:
-                    uwq = pending.pop(0)
-                    uwq.where = "read"
-                    self.fault_read.append(uwq)
-                    out.append(uwq.msg)
-                if not (pending or self.events):  # _update_ready, inlined
-                    self._is_ready = False
-                    if self._fd_open:
-                        self._ready.set_ready(False)
-        dequeue_one = self._dequeue_one
-        while len(out) < room:
-            msg = dequeue_one()
-            if msg is not None:
+        while True:
+            pending = self.fault_pending
+            if pending and not self.tracer.enabled:  # faults first: _dequeue_one's fault branch
+                with self.lock:
+                    while pending and len(out) < room:
+                        uwq = pending.pop(0)
+                        uwq.where = "read"
+                        self.fault_read.append(uwq)
+                        out.append(uwq.msg)
+                    if not (pending or self.events):  # _update_ready, inlined
+                        self._is_ready = False
+                        if self._fd_open:
+                            self._ready.set_ready(False)
+            while len(out) < room and (self.fault_pending or self.events):
+                msg = self._dequeue_one()
+                if msg is None:
+                    break
                 out.append(msg)
-                continue
             if out:
-                break
+                return out
             if self.flags & O_NONBLOCK:
                 raise_errno(errno.EAGAIN)
             if self.released:
                 return out
             self.fd_wq.wait_event(self._has_msgs, exclusive=self.exclusive_read,
                                   reason="read()")
-        return out
 
-    def read(self, nbytes: int = UFFD_MSG_SIZE) -> list[UffdMsg]:
-        """read(2), decoded: the same as :meth:`read_msgs` (and as the native binding's ``read``)."""
-        return self.read_msgs(nbytes)
+    #: read(2), decoded: the same as :meth:`read_msgs` (and as the native binding's ``read``)
+    read = read_msgs
 
     def read_raw(self, nbytes: int = UFFD_MSG_SIZE) -> bytes:
         """read(2) returning the raw 32-byte ``uffd_msg``s, exactly as the kernel lays them out."""
