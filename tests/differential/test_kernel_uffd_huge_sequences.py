@@ -227,3 +227,191 @@ def test_uffd_hugetlb_sequences_match_the_kernel(shared: bool, ops: list[tuple])
         emu.p.check()
     emu.close()
     emu.p.check()
+
+
+# -- anonymous THP ranges --------------------------------------------------------------------
+
+THP_FEATURES = (uapi.UFFD_FEATURE_SIGBUS | uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+                | uapi.UFFD_FEATURE_MOVE)
+SAMPLE_PAGES = [0, 1, 511, 512, 513, 1023]
+
+
+def _thp_reason() -> str | None:
+    if REASON is not None and "hugetlb" not in REASON:
+        return REASON
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            policy = f.read().split("[")[1].split("]")[0]
+        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
+            zero = f.read().strip()
+    except (OSError, IndexError):
+        return "no THP sysfs"
+    if policy == "never" or zero != "1":
+        return "host THP policy 'never' or use_zero_page off"
+    return None
+
+
+THP_REASON = _thp_reason()
+
+
+class ThpSide:
+    """Two 2 MiB-aligned THP-eligible ranges: ``dst`` (registered) and ``src`` (for MOVE)."""
+
+    p: Any
+
+    def setup(self, unpopulated: bool) -> None:
+        p = self.p
+        self.raw = p.mmap(0, 5 * H, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+        base = (self.raw + H - 1) & ~(H - 1)
+        self.dst, self.src = base, base + 2 * H
+        from vmemu.constants import MADV_HUGEPAGE, MADV_NOHUGEPAGE
+
+        p.madvise(base, 4 * H, MADV_HUGEPAGE)
+        p.madvise(base + 4 * H - PAGE_SIZE, PAGE_SIZE, MADV_NOHUGEPAGE)  # keep src and dst apart
+        self.buf = p.mmap(0, H, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+        p.madvise(self.buf, H, MADV_NOHUGEPAGE)
+        self.u = p.userfaultfd(uapi.O_CLOEXEC | uapi.O_NONBLOCK)
+        self.u.api(THP_FEATURES | (uapi.UFFD_FEATURE_WP_UNPOPULATED if unpopulated else 0))
+        self.u.register(self.dst, 2 * H, uapi.UFFDIO_REGISTER_MODE_MISSING
+                        | uapi.UFFDIO_REGISTER_MODE_WP)
+
+    def access(self, addr: int, data: bytes | None) -> object:
+        raise NotImplementedError
+
+    def step(self, op: tuple) -> object:
+        name = op[0]
+        u = self.u
+        try:
+            if name == "read":
+                return self.access(self.dst + op[1], None)
+            if name == "write":
+                return self.access(self.dst + op[1], bytes([op[2]]))
+            if name == "fill_src":
+                return self.access(self.src + op[1], bytes([op[2]]))
+            if name == "copy":
+                self.access(self.buf, bytes([op[3]]))
+                return u.copy(self.dst + op[1], self.buf, op[2],
+                              uapi.UFFDIO_COPY_MODE_WP if op[4] else 0)
+            if name == "zeropage":
+                return u.zeropage(self.dst + op[1], op[2])
+            if name == "move":
+                return u.move(self.dst + op[1], self.src + op[1], op[2],
+                              uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES if op[3] else 0)
+            if name == "wp":
+                u.writeprotect(self.dst + op[1], op[2],
+                               uapi.UFFDIO_WRITEPROTECT_MODE_WP if op[3] else 0)
+                return 0
+            if name == "dontneed":
+                self.p.madvise(self.dst + op[1], op[2], MADV_DONTNEED)
+                return 0
+        except OSError as e:
+            done = None
+            st_ = getattr(e, "struct", None)
+            for field in ("copy", "zeropage", "move"):
+                if st_ is not None and hasattr(st_, field):
+                    done = getattr(st_, field)
+            return (errno.errorcode.get(e.errno or 0, e.errno), done)
+        raise AssertionError(op)
+
+    def view(self) -> tuple:
+        pages = []
+        for i in SAMPLE_PAGES:
+            a = self.dst + i * PAGE_SIZE
+            e = self.p.pagemap(a)
+            seen = self.access(a + 3, None) if e & PM_PRESENT else None
+            pages.append((bool(e & PM_PRESENT), bool(e & PM_UFFD_WP), bool(e & PM_MMAP_EXCLUSIVE),
+                          seen))
+        return tuple(pages), self.huge_kb(self.dst), self.huge_kb(self.src)
+
+    def huge_kb(self, addr: int) -> int:
+        text = self.smaps_text()
+        inside = False
+        total = 0
+        for line in text.splitlines():
+            head = line.split()[0] if line else ""
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                total += int(line.split()[1])
+        return total
+
+    def smaps_text(self) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.u.close()
+        self.p.munmap(self.raw, 5 * H)
+        self.p.munmap(self.buf, H)
+
+
+class ThpHost(ThpSide):
+    def __init__(self, unpopulated: bool) -> None:
+        from vmemu.native import NativeProcess, access
+
+        self.p = NativeProcess()
+        self.acc = access
+        self.setup(unpopulated)
+
+    access = Host.access
+
+    def smaps_text(self) -> str:
+        with open("/proc/self/smaps") as f:
+            return f.read()
+
+
+class ThpEmu(ThpSide):
+    def __init__(self, unpopulated: bool) -> None:
+        self.p = vmemu.Process()
+        self.setup(unpopulated)
+
+    access = Emu.access
+
+    def smaps_text(self) -> str:
+        return str(self.p.smaps())
+
+
+THP_OFFS = [0, PAGE_SIZE, H - PAGE_SIZE, H]
+THP_LENS = [PAGE_SIZE, H]
+
+
+@st.composite
+def thp_operation(draw: Any) -> tuple:
+    name = draw(st.sampled_from(["read", "read", "write", "write", "fill_src", "copy", "zeropage",
+                                 "move", "move", "wp", "wp", "dontneed"]))
+    if name in ("read",):
+        return (name, draw(st.sampled_from(THP_OFFS)) + draw(st.sampled_from([0, 5])))
+    if name in ("write", "fill_src"):
+        return (name, draw(st.sampled_from(THP_OFFS)), draw(st.integers(1, 255)))
+    off = draw(st.sampled_from(THP_OFFS))
+    length = draw(st.sampled_from(THP_LENS))
+    if name == "copy":
+        return (name, off, length, draw(st.integers(1, 255)), draw(st.booleans()))
+    if name in ("move", "wp"):
+        return (name, off, length, draw(st.booleans()))
+    return (name, off, length)
+
+
+@pytest.mark.skipif(THP_REASON is not None, reason=str(THP_REASON))
+@pytest.mark.parametrize("unpopulated", [False, True], ids=["wp", "wp-unpopulated"])
+@settings(max_examples=max(5, settings().max_examples // 5), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(thp_operation(), min_size=1, max_size=8))
+def test_uffd_thp_sequences_match_the_kernel(unpopulated: bool, ops: list[tuple]) -> None:
+    host = ThpHost(unpopulated)
+    try:
+        start = host.view()
+        host_steps = [(host.step(op), host.view()) for op in ops]
+    finally:
+        host.close()
+    emu = ThpEmu(unpopulated)
+    assert emu.view() == start
+    for n, (op, (hres, hview)) in enumerate(zip(ops, host_steps, strict=True)):
+        eres = emu.step(op)
+        eview = emu.view()
+        where = f"step {n} {op}"
+        assert eres == hres, f"{where}: kernel {hres!r}, vmemu {eres!r}"
+        assert eview == hview, f"{where}: view kernel {hview}, vmemu {eview}"
+        emu.p.check()
+    emu.close()
+    emu.p.check()
