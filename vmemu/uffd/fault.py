@@ -81,16 +81,19 @@ def userfault_msg(vmf: VmFaultInfo, reason: int, features: int, huge_mask: int) 
 
 def userfaultfd_must_wait(mm: Any, address: int, reason: int) -> bool:
     """True while the fault is still unresolved in the page table (``userfaultfd_must_wait``)."""
-    pmd = mm.pgtables.pmd_table(address, False)
-    if pmd is None:
+    mem_map = mm.phys.mem_map  # the walk of pmd_table(address, False), inlined as translate's
+    e = mm.pgtables.pgd[(address >> 39) & 511]
+    if e:
+        e = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(address >> 30) & 511]
+    if not e:
         return True
-    me = pmd[(address >> 21) & 511]
+    me = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(address >> 21) & 511]
     if not me:
         return True
     if me & _PAGE_PSE:
         pte = me
     else:  # the PTE table under this PMD entry (get_pte without walking from the top again)
-        pte = mm.phys.mem_map[(me & PTE_PFN_MASK) >> PAGE_SHIFT][(address >> PAGE_SHIFT) & 511]
+        pte = mem_map[(me & PTE_PFN_MASK) >> PAGE_SHIFT][(address >> PAGE_SHIFT) & 511]
     if pte == 0 or (not pte & (_PAGE_PRESENT | _PAGE_PROTNONE) and is_uffd_wp_marker(pte)):
         return True
     if reason & VM_UFFD_WP and pte & (_PAGE_PRESENT | _PAGE_PROTNONE) and not pte & _PAGE_RW:
