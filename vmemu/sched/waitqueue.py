@@ -204,6 +204,8 @@ class WaitQueue:
                     continue
                 runtime.schedule(what or f"{self.name}: {_reason(reason)}", deadline, (self,))
                 entry.resolver_tried = False
+                if entry.woken and condition():  # woken, and the condition holds: done
+                    return True  # (re-queueing first, as the loop would, changes nothing)
         finally:
             if entry.queued:  # finish_wait
                 with lock:

@@ -420,10 +420,7 @@ class Userfaultfd:
                 self._update_ready()
         if not self.fd_wq.waitqueue_active():
             return
-        if self.exclusive_read:
-            self.fd_wq.wake_up(nr_exclusive=1)
-        else:
-            self.fd_wq.wake_up_all()
+        self.fd_wq.wake_up(None, 1 if self.exclusive_read else 0)  # wake-one, or wake_up_all
 
     def _update_ready(self) -> None:
         """Make the fd readable exactly while a message is queued (call with ``self.lock``)."""
