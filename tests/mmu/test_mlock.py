@@ -6,8 +6,24 @@ import errno
 
 import pytest
 
-from vmemu import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PAGE_SIZE, Process
-from vmemu.constants import MADV_DONTNEED, PROT_NONE, PROT_READ, PROT_WRITE
+from vmemu import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_POPULATE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PAGE_SIZE,
+    Kernel,
+    Process,
+)
+from vmemu.constants import (
+    MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    PROT_EXEC,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
 from vmemu.mmu.mlock import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, MLOCK_ONFAULT
 from vmemu.mmu.vma import VM_LOCKED, VM_LOCKONFAULT
 
@@ -141,3 +157,29 @@ def test_mremap_grow_of_locked_populates(p):
     p.mlock(BASE, 2 * P)
     assert p.mremap(BASE, 2 * P, 4 * P) == BASE
     assert smaps_field(p, "Locked:") == [16]
+
+
+@pytest.mark.parametrize("prot", [PROT_WRITE, PROT_EXEC])
+def test_mlock_populates_shared_mappings_without_prot_read(prot: int) -> None:
+    """mlock and MAP_POPULATE fault in with FOLL_FORCE: PROT_WRITE or PROT_EXEC alone is enough.
+
+    6.18 succeeds for a shared memfd and a shared anonymous mapping (a read
+    fault with FOLL_FORCE, ``populate_vma_page_range``); vmemu returned
+    ENOMEM (found by the memtypes stateful machine). MADV_POPULATE_READ has
+    no FOLL_FORCE and stays EINVAL there.
+    """
+    k = Kernel()
+    p = k.spawn()
+    fd = p.memfd_create("m")
+    p.ftruncate(fd, 4 * PAGE_SIZE)
+    a = p.mmap(0, 4 * PAGE_SIZE, prot, MAP_SHARED, fd, 0)
+    p.mlock(a, 4 * PAGE_SIZE)
+    b = p.mmap(0, 4 * PAGE_SIZE, prot, MAP_SHARED | MAP_ANONYMOUS)
+    p.mlock(b, 4 * PAGE_SIZE)
+    c = p.mmap(0, 4 * PAGE_SIZE, prot, MAP_SHARED | MAP_POPULATE, fd, 0)
+    for addr in (a, b, c):
+        assert all(p.pagemap(addr + i * PAGE_SIZE) >> 63 for i in range(4)), hex(addr)
+    with pytest.raises(OSError) as e:
+        p.madvise(c, PAGE_SIZE, MADV_POPULATE_READ)
+    assert e.value.errno == errno.EINVAL
+    k.check()

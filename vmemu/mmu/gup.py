@@ -30,6 +30,7 @@ from vmemu.mmu.pgtable import (
 from vmemu.mmu.vma import (
     VM_ACCESS_FLAGS,
     VM_HUGETLB,
+    VM_MAYREAD,
     VM_MAYWRITE,
     VM_READ,
     VM_SHARED,
@@ -56,15 +57,22 @@ def _page_ready(mm: MmStruct, addr: int, write: bool) -> bool:
     return bool(pte & _PAGE_PRESENT) and (not write or bool(pte & _PAGE_RW))
 
 
-def faultin_page(mm: MmStruct, addr: int, write: bool, task: Any = None) -> None:
-    """Make one page present (and writable) or raise the errno GUP reports."""
+def faultin_page(mm: MmStruct, addr: int, write: bool, task: Any = None,
+                 force: bool = False) -> None:
+    """Make one page present (and writable) or raise the errno GUP reports.
+
+    ``force`` is FOLL_FORCE: a read may then fault in a page of a VMA
+    without VM_READ (PROT_WRITE or PROT_EXEC alone) as long as it has
+    VM_MAYREAD (``check_vma_flags``).
+    """
     for _ in range(MAX_RETRIES):
         if _page_ready(mm, addr, write):
             return
         vma = mm.vmas.vma_lookup(addr)
         if vma is None:
             raise_errno(errno.ENOMEM)
-        if write and not vma.vm_flags & VM_WRITE or not write and not vma.vm_flags & VM_READ:
+        if write and not vma.vm_flags & VM_WRITE or not write and not vma.vm_flags & VM_READ \
+                and not (force and vma.vm_flags & VM_MAYREAD):
             raise_errno(errno.EFAULT)  # check_vma_flags
         fault = handle_mm_fault(mm, vma, addr, FAULT_FLAG_WRITE if write else 0, task)
         if fault & VmFault.OOM:
@@ -96,16 +104,20 @@ def populate(mm: MmStruct, start: int, end: int, write: bool | None = None,
                 addr = stop
                 continue
             w = write
-            if w is None:
+            force = False
+            if w is None:  # mm_populate: populate_vma_page_range's gup flags
                 w = (vma.vm_flags & (VM_WRITE | VM_SHARED)) == VM_WRITE
+                # "we want mlock to succeed for regions that have any permissions
+                # other than PROT_NONE": FOLL_FORCE for an accessible VMA
+                force = bool(vma.vm_flags & VM_ACCESS_FLAGS)
             try:
                 while addr < stop:
-                    faultin_page(mm, addr, w, task)
+                    faultin_page(mm, addr, w, task, force)
                     addr += PAGE_SIZE
             except OSError:
                 if not ignore_errors:
                     raise
-                return
+                addr = stop  # __mm_populate goes on at the next VMA
 
 
 def follow_page(mm: MmStruct, addr: int) -> Any:
