@@ -4,7 +4,8 @@ A memfd of 8 pages is mapped MAP_SHARED twice (``s0``, ``s1``, the second at
 file offset one page) and MAP_PRIVATE once (``pv``), each 8 pages long.
 Random steps write through a mapping, pwrite, ftruncate, punch holes,
 advise (DONTNEED, REMOVE, PAGEOUT, COLD, WILLNEED, POPULATE_READ/WRITE),
-mprotect or munmap part of a mapping. After every step both sides must
+mprotect or munmap part of a mapping, or fork a child that writes through
+one mapping and exits (seen through the shared ones, not the private one). After every step both sides must
 agree on the errno and, for every page of every mapping, on what a read
 gives: the first bytes, or the signal and its si_code (SIGBUS BUS_ADRERR
 beyond EOF, SIGSEGV where unmapped or protected), plus the file's size and
@@ -89,6 +90,21 @@ class Host:
             if name == "touch":
                 r = self.access.user_access(self.maps[a[0]] + a[1] * P + 8, 4, write=b"T%03d" % a[2])
                 return 0 if r.ok else -r.signo
+            if name == "fork":  # a child writes through one mapping and exits
+                pid = os.fork()
+                if pid == 0:
+                    code = 0
+                    try:
+                        r = self.access.user_access(self.maps[a[0]] + a[1] * P + 8, 4,
+                                                    write=b"C%03d" % a[2])
+                        code = 0 if r.ok else 2
+                    except BaseException:  # noqa: BLE001 - reported through the exit status
+                        code = 1
+                    os._exit(code)
+                _, status = os.waitpid(pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+                assert code != 1, "kernel-side child failed"
+                return -code
             if name == "pwrite":
                 os.pwrite(self.fd, b"P%03d" % a[1], a[0] * P + 12)
             elif name == "ftruncate":
@@ -146,6 +162,15 @@ class Emu:
         try:
             if name == "touch":
                 p.write(self.maps[a[0]] + a[1] * P + 8, b"T%03d" % a[2])
+            elif name == "fork":
+                child = p.fork()
+                try:
+                    child.write(self.maps[a[0]] + a[1] * P + 8, b"C%03d" % a[2])
+                except Signal:
+                    return -2
+                finally:
+                    self.k.check()
+                    child.exit()
             elif name == "pwrite":
                 p.pwrite(self.fd, b"P%03d" % a[1], a[0] * P + 12)
             elif name == "ftruncate":
@@ -191,9 +216,9 @@ def operation(draw) -> tuple:
     page = draw(st.integers(0, N - 1))
     n = draw(st.integers(1, N - page))
     kind = draw(st.sampled_from(["touch", "touch", "pwrite", "ftruncate", "punch", "madvise",
-                                 "madvise", "mprotect", "munmap"]))
-    if kind == "touch":
-        return ("touch", m, page, draw(st.integers(0, 999)))
+                                 "madvise", "mprotect", "munmap", "fork"]))
+    if kind in ("touch", "fork"):
+        return (kind, m, page, draw(st.integers(0, 999)))
     if kind == "pwrite":
         return ("pwrite", page, draw(st.integers(0, 999)))
     if kind == "ftruncate":
