@@ -11,6 +11,8 @@ from vmemu.constants import (
     BUS_MCEERR_AR,
     MADV_DONTNEED,
     MADV_HWPOISON,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
     PROT_NONE,
     PROT_READ,
     PROT_WRITE,
@@ -124,4 +126,23 @@ def test_munmap_and_exit_after_poison(p):
     assert poison(p, a + P, 2) is not None
     p.check()
     p.munmap(a, 4 * P)
+    p.check()
+
+
+def test_populate_errno_over_a_poisoned_page(p):
+    """MADV_POPULATE_* asks for FOLL_HWPOISON (EHWPOISON); mlock's populate does not (EFAULT -> ENOMEM).
+
+    ``vm_fault_to_errno`` in mm/gup.c; vmemu gave mlock EHWPOISON (found by
+    the memtypes stateful machine).
+    """
+    a = p.mmap(BASE, 2 * P, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    p.write(a, b"data")
+    assert poison(p, a) is not None
+    for advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
+        with pytest.raises(OSError) as err:
+            p.madvise(a, 2 * P, advice)
+        assert err.value.errno == 133  # EHWPOISON
+    with pytest.raises(OSError) as err:
+        p.mlock(a, 2 * P)
+    assert err.value.errno == errno.ENOMEM
     p.check()

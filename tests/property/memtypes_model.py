@@ -170,10 +170,25 @@ class PageModel:
         """Every content the page may read back as."""
         return [self.content(), ZERO_PAGE] if self.lazy else [self.content()]
 
+    def __repr__(self) -> str:
+        data = "None" if self.data is None else f"<{len(self.data)} bytes {self.data[:8]!r}...>"
+        file = None if self.file is None else self.file.name
+        return (f"PageModel(prot={self.prot}, kind={self.kind!r}, file={file!r}, "
+                f"index={self.index}, data={data}, lazy={self.lazy}, poisoned={self.poisoned}, "
+                f"locked={self.locked}, huge={self.huge})")
+
     def cow(self) -> None:
-        """A write fault (or a write populate) on a private file page: take a private copy."""
+        """A write fault (or a write populate) on a private page: it gets a frame of its own.
+
+        A private file page copies the page cache; a private page shared
+        since fork is copied too (a new object, so :meth:`hwpoison
+        <test_mm_memtypes_stateful.MemTypesMachine.hwpoison>` no longer sees
+        the two as one frame).
+        """
         if self.kind == "private" and self.data is None:
             self.data = self.content()
+        elif self.kind != "shared" and self.data is not None:
+            self.data = bytes(bytearray(self.data))
 
     def store(self, off: int, data: bytes, base: bytes | None = None) -> None:
         """Write ``data`` at ``off`` (over ``base`` if given: a resolved lazy page)."""

@@ -82,6 +82,7 @@ from vmemu import (
     Process,
 )
 from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MFD_HUGETLB
+from vmemu.mmu.pgtable import _PAGE_PSE
 
 HBASE = 0x4000_0000
 NUNITS = 4
@@ -375,9 +376,13 @@ class HugeMachine(MemTypesMachine):
         event(f"madvise MADV_COLLAPSE: {errno.errorcode.get(got, got) if got else 'ok'}")
         if sure is not None:
             assert got == sure, f"MADV_COLLAPSE: errno {got}, model expects {sure}"
-        else:
-            assert got in (None, errno.EINVAL, errno.EAGAIN, errno.ENOMEM), \
-                f"MADV_COLLAPSE: errno {got}"
+            return
+        assert got in (None, errno.EINVAL, errno.EAGAIN, errno.ENOMEM), \
+            f"MADV_COLLAPSE: errno {got}"
+        if got is None:  # success means every aligned 2 MiB of the range is a PMD leaf now
+            for v in range(-(-s // HP) * HP, e - e % HP, HP):
+                entry = p.walk(v << PAGE_SHIFT)[2].entry
+                assert entry & _PAGE_PSE, f"MADV_COLLAPSE succeeded, {v << PAGE_SHIFT:#x} not huge"
 
     # -- mremap ------------------------------------------------------------------------
 

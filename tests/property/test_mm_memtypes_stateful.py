@@ -163,9 +163,9 @@ def split_inside_huge(pages: Pages, vpn: int) -> bool:
 def cow(pages: Pages, vpn: int) -> None:
     """A write fault on a private file page copies it; hugetlb copies the whole huge page."""
     pg = pages[vpn]
-    if pg.kind != "private":
+    if pg.kind == "shared":
         return
-    if not pg.huge:
+    if not pg.huge or pg.kind == "anon":
         pg.cow()
         return
     base = vpn - vpn % HPAGE_PAGES

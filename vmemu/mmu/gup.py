@@ -58,12 +58,14 @@ def _page_ready(mm: MmStruct, addr: int, write: bool) -> bool:
 
 
 def faultin_page(mm: MmStruct, addr: int, write: bool, task: Any = None,
-                 force: bool = False) -> None:
+                 force: bool = False, hwpoison: bool = True) -> None:
     """Make one page present (and writable) or raise the errno GUP reports.
 
     ``force`` is FOLL_FORCE: a read may then fault in a page of a VMA
     without VM_READ (PROT_WRITE or PROT_EXEC alone) as long as it has
-    VM_MAYREAD (``check_vma_flags``).
+    VM_MAYREAD (``check_vma_flags``). ``hwpoison`` is FOLL_HWPOISON: a
+    poisoned page is EHWPOISON with it, EFAULT without
+    (``vm_fault_to_errno``).
     """
     for _ in range(MAX_RETRIES):
         if _page_ready(mm, addr, write):
@@ -78,7 +80,7 @@ def faultin_page(mm: MmStruct, addr: int, write: bool, task: Any = None,
         if fault & VmFault.OOM:
             raise_errno(errno.ENOMEM)
         if fault & VmFault.HWPOISON:
-            raise_errno(EHWPOISON)
+            raise_errno(EHWPOISON if hwpoison else errno.EFAULT)
         if fault & (VmFault.SIGBUS | VmFault.SIGSEGV):
             raise_errno(errno.EFAULT)
     raise AssertionError(f"populate of {addr:#x} did not converge")
@@ -112,7 +114,8 @@ def populate(mm: MmStruct, start: int, end: int, write: bool | None = None,
                 force = bool(vma.vm_flags & VM_ACCESS_FLAGS)
             try:
                 while addr < stop:
-                    faultin_page(mm, addr, w, task, force)
+                    # only MADV_POPULATE_* (an explicit ``write``) asks for FOLL_HWPOISON
+                    faultin_page(mm, addr, w, task, force, hwpoison=write is not None)
                     addr += PAGE_SIZE
             except OSError:
                 if not ignore_errors:
