@@ -134,6 +134,18 @@ class HugeMachine(MemTypesMachine):
         return [(i * PAGE_SIZE, PAGE_SIZE) for i in range(0, -(-f.size // PAGE_SIZE))
                 if i % HP in HOT]
 
+    def punch(self, f: FileModel, start: int, end: int) -> None:
+        """A hole punched in a hugetlb file (whole huge pages only, see the exclusions).
+
+        Unlike shmem, ``hugetlbfs_punch_hole`` zaps every VMA of the file in
+        the hole, so private COW copies go too and refault from the (now
+        empty) page cache (checked on 6.18).
+        """
+        f.zero(start, end)
+        for pg in self.file_mappings(f):
+            if start <= pg.index * PAGE_SIZE < end:
+                pg.data = None
+
     # -- set-up ----------------------------------------------------------------------
 
     @initialize(target=MemTypesMachine.procs, config=st.sampled_from(["noswap", "swap"]),
@@ -330,7 +342,7 @@ class HugeMachine(MemTypesMachine):
                     want = errno.EACCES
                     break
                 assert pg.file is not None
-                pg.file.zero(pg.index * PAGE_SIZE, (pg.index + 1) * PAGE_SIZE)
+                self.punch(pg.file, pg.index * PAGE_SIZE, (pg.index + 1) * PAGE_SIZE)
             elif advice == MADV_DONTFORK:
                 pg.dontfork = True
             elif advice == MADV_DOFORK:
@@ -454,7 +466,7 @@ class HugeMachine(MemTypesMachine):
         if want is not None:
             return
         if mode & FALLOC_FL_PUNCH_HOLE:
-            f.zero(offset, offset + nbytes)
+            self.punch(f, offset, offset + nbytes)
         elif not mode & FALLOC_FL_KEEP_SIZE:
             f.size = max(f.size, offset + nbytes)  # may leave i_size unaligned (checked on 6.18)
 
