@@ -60,6 +60,12 @@ class VmFault(enum.IntFlag):
         return cls.OOM | cls.SIGBUS | cls.SIGSEGV | cls.HWPOISON
 
 
+# A UFFDIO_POISON marker: the kernel returns VM_FAULT_HWPOISON, so GUP (MADV_POPULATE_*)
+# fails with EHWPOISON, while the user's access gets SIGBUS with BUS_ADRERR - what do_sigbus
+# sends on this 6.18 build, made without CONFIG_MEMORY_FAILURE (both observed).
+POISON_MARKER_FAULT = VmFault.HWPOISON | VmFault.SIGBUS
+
+
 class Signal(Exception):  # noqa: N818 - a signal is what the kernel delivers, not an "Error"
     """A synchronous signal delivered to the accessing task (``force_sig_fault``).
 
@@ -122,14 +128,15 @@ def fault_to_signal(fault: VmFault, addr: int, done: int = 0) -> Signal:
 
     if fault & VmFault.OOM:
         return OomKill(0, addr, done, "out of memory")
-    if fault & VmFault.HWPOISON:
+    if fault & VmFault.HWPOISON and not fault & VmFault.SIGBUS:
         return Sigbus(BUS_MCEERR_AR, addr, done, "memory failure")
-    if fault & VmFault.SIGBUS:
+    if fault & (VmFault.SIGBUS | VmFault.HWPOISON):
         return Sigbus(BUS_ADRERR, addr, done)
     return Sigsegv(SEGV_ACCERR, addr, done)
 
 
 __all__ = [
+    "POISON_MARKER_FAULT",
     "OomKill",
     "Signal",
     "Sigbus",

@@ -26,7 +26,12 @@ from hypothesis import strategies as st
 
 import vmemu
 from vmemu.constants import (
+    MADV_COLD,
     MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    MADV_REMOVE,
+    MADV_WILLNEED,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
     MAP_SHARED,
@@ -126,6 +131,17 @@ class Side:
             if name == "punch":
                 self.p.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, page * H, H)
                 return 0
+            if name == "madvise":
+                self.p.madvise(d, H, op[2])
+                return 0
+            if name == "mprotect":
+                self.p.mprotect(d, H, op[2])
+                return 0
+            if name == "unregister":
+                u.unregister(self.dst, 2 * H)
+                return 0
+            if name == "register":
+                return u.register(self.dst, 2 * H, op[2])
         except OSError as e:
             return errno.errorcode.get(e.errno or 0, e.errno)
         raise AssertionError(op)
@@ -185,6 +201,7 @@ class Emu(Side):
 
 
 OFFSETS = [0, 5, PAGE_SIZE, H - 1]
+ADVICE = [MADV_REMOVE, MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_WILLNEED]
 
 
 @st.composite
@@ -192,7 +209,13 @@ def operation(draw: Any) -> tuple:
     page = draw(st.integers(0, 1))
     name = draw(st.sampled_from(["read", "write", "alias", "alias", "copy", "continue",
                                  "continue", "poison", "zeropage", "wp", "wp", "dontneed",
-                                 "punch"]))
+                                 "punch", "madvise", "mprotect", "unregister", "register"]))
+    if name == "madvise":
+        return (name, page, draw(st.sampled_from(ADVICE)))
+    if name == "mprotect":
+        return (name, page, draw(st.sampled_from([PROT_READ, RW])))
+    if name == "register":
+        return (name, 0, draw(st.integers(1, 7)))
     if name == "read":
         return (name, page, draw(st.sampled_from(OFFSETS)))
     if name in ("write", "alias"):
@@ -201,6 +224,8 @@ def operation(draw: Any) -> tuple:
         return (name, page, draw(st.integers(1, 255)), draw(st.booleans()))
     if name in ("continue", "wp"):
         return (name, page, draw(st.booleans()))
+    if name == "unregister":
+        return (name, 0)
     return (name, page)
 
 
@@ -304,6 +329,17 @@ class ThpSide:
             if name == "dontneed":
                 self.p.madvise(self.dst + op[1], op[2], MADV_DONTNEED)
                 return 0
+            if name == "madvise":
+                self.p.madvise(self.dst + op[1], op[2], op[3])
+                return 0
+            if name == "mprotect":
+                self.p.mprotect(self.dst + op[1], op[2], op[3])
+                return 0
+            if name == "unregister":
+                u.unregister(self.dst, 2 * H)
+                return 0
+            if name == "register":
+                return u.register(self.dst, 2 * H, op[1])
         except OSError as e:
             done = None
             st_ = getattr(e, "struct", None)
@@ -378,7 +414,18 @@ THP_LENS = [PAGE_SIZE, H]
 @st.composite
 def thp_operation(draw: Any) -> tuple:
     name = draw(st.sampled_from(["read", "read", "write", "write", "fill_src", "copy", "zeropage",
-                                 "move", "move", "wp", "wp", "dontneed"]))
+                                 "move", "move", "wp", "wp", "dontneed", "madvise", "mprotect",
+                                 "unregister", "register"]))
+    if name == "register":
+        return (name, draw(st.sampled_from([1, 2, 3])))
+    if name == "unregister":
+        return (name,)
+    if name in ("madvise", "mprotect"):
+        # no MADV_COLLAPSE: on the kernel it depends on whether the new VMA merged with an
+        # older one that has an anon_vma, which differs from run to run in this process
+        arg = draw(st.sampled_from([MADV_COLD, MADV_POPULATE_READ, MADV_POPULATE_WRITE]
+                                   if name == "madvise" else [PROT_READ, RW]))
+        return (name, draw(st.sampled_from(THP_OFFS)), draw(st.sampled_from(THP_LENS)), arg)
     if name in ("read",):
         return (name, draw(st.sampled_from(THP_OFFS)) + draw(st.sampled_from([0, 5])))
     if name in ("write", "fill_src"):

@@ -21,6 +21,8 @@ from vmemu.constants import (
     MADV_HUGEPAGE,
     MADV_NOHUGEPAGE,
     MADV_PAGEOUT,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
     MADV_REMOVE,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
@@ -440,6 +442,29 @@ def test_poison(kind: str) -> None:
         except vmemu.Sigbus:
             sigbus += 1
     assert sigbus == area.npages // 2
+    p.check()
+
+
+@pytest.mark.parametrize("kind", MEM_TYPES)
+def test_poison_marker_errors(kind: str) -> None:
+    """A UFFDIO_POISON page: SIGBUS BUS_ADRERR to the user, EHWPOISON to MADV_POPULATE_*,
+    EFAULT to a kernel copy (observed on 6.18 for anon and hugetlb)."""
+    from vmemu.mmu.gup import EHWPOISON
+
+    p, area = setup(kind, 1)
+    u = open_uffd(p, uapi.UFFD_FEATURE_POISON)
+    u.register(area.dst, area.size, MISSING)
+    u.poison(area.dst, area.size)
+    with pytest.raises(vmemu.Sigbus) as sig:
+        p.read(area.dst, 1)
+    assert sig.value.si_code == vmemu.BUS_ADRERR
+    for advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
+        with pytest.raises(OSError) as e:
+            p.madvise(area.dst, area.size, advice)
+        assert e.value.errno == EHWPOISON
+    with pytest.raises(OSError) as e:
+        p.kernel_read(area.dst, 16)
+    assert e.value.errno == errno.EFAULT
     p.check()
 
 

@@ -682,6 +682,8 @@ def madvise_collapse(mm: MmStruct, vma: Vma, start: int, end: int, advice: int =
     """
     if not thp_vma_allowable(mm.phys, vma, enforce_sysfs=False):
         raise_errno(errno.EINVAL)
+    if vma.anon_vma is None:
+        raise_errno(errno.EINVAL)  # never faulted: EINVAL even for a range within one PMD (6.18)
     hstart = (start + PMD_SIZE - 1) & HPAGE_PMD_MASK
     hend = end & HPAGE_PMD_MASK
     thps = 0
@@ -695,7 +697,7 @@ def madvise_collapse(mm: MmStruct, vma: Vma, start: int, end: int, advice: int =
             thps += 1
         else:
             last_fail = result
-    if thps != max(0, (hend - hstart) // PMD_SIZE):
+    if thps != (hend - hstart) // PMD_SIZE:  # a range inside one PMD, unaligned: EINVAL (6.18)
         raise_errno(_COLLAPSE_ERRNO.get(last_fail, errno.EINVAL), f"collapse: {last_fail}")
 
 

@@ -65,7 +65,7 @@ from vmemu.constants import (
     PMD_SIZE,
     TASK_SIZE,
 )
-from vmemu.errors import VmFault, raise_errno
+from vmemu.errors import POISON_MARKER_FAULT, VmFault, raise_errno
 from vmemu.mmu.folio import PG, Folio, PhysMem
 from vmemu.mmu.memory import (
     FAULT_FLAG_WRITE,
@@ -706,7 +706,7 @@ def hugetlb_fault(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any = 
     vmf = VmFaultInfo(vma, haddr, address, flags, hidx << h.order, pmd, idx, e, task)
     if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
         if is_poisoned_marker(e):
-            return VmFault.SIGBUS if getattr(mm, "poison_is_sigbus", True) else VmFault.HWPOISON
+            return POISON_MARKER_FAULT  # VM_FAULT_HWPOISON_LARGE: SIGBUS, or EHWPOISON to GUP
         return hugetlb_no_page(mm, vmf, h, hidx)
     if flags & FAULT_FLAG_WRITE:
         if not e & _PAGE_RW:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from vmemu.constants import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
-from vmemu.errors import VmFault, raise_errno
+from vmemu.errors import POISON_MARKER_FAULT, VmFault, raise_errno
 from vmemu.mmu.folio import PG, Folio
 from vmemu.mmu.pgtable import (
     _PAGE_ACCESSED,
@@ -176,7 +176,8 @@ def handle_mm_fault(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any 
 def handle_pte_marker(mm: MmStruct, vmf: VmFaultInfo) -> VmFault:
     """A fault on a pte marker (``handle_pte_marker``).
 
-    A UFFDIO_POISON marker gives SIGBUS (BUS_ADRERR on 6.18, as observed).
+    A UFFDIO_POISON marker gives SIGBUS (BUS_ADRERR on 6.18, as observed)
+    and EHWPOISON to MADV_POPULATE_* (``POISON_MARKER_FAULT``).
     A uffd-wp marker is an empty PTE that remembers write protection: the
     fault proceeds as for a none PTE and the page it installs keeps the
     uffd-wp bit (``pte_marker_handle_uffd_wp``); a marker left behind after
@@ -184,7 +185,7 @@ def handle_pte_marker(mm: MmStruct, vmf: VmFaultInfo) -> VmFault:
     """
     pte = vmf.orig_pte
     if is_poisoned_marker(pte):
-        return VmFault.SIGBUS
+        return POISON_MARKER_FAULT  # SIGBUS to the user, EHWPOISON to GUP
     if is_uffd_wp_marker(pte):
         vma = vmf.vma
         if not vma.vm_flags & VM_UFFD_WP:

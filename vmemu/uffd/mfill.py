@@ -386,6 +386,7 @@ def mfill_atomic(ctx: Userfaultfd, dst: int, src: int, length: int, mode: MfillM
             with mm.lock:
                 vma = mm.vmas.vma_lookup(dst)
                 if not done and vma is not None and vma.vm_flags & VM_HUGETLB:
+                    _check_hugetlb_dst(ctx, vma, dst, length, wp)
                     hugetlb = vma
                     break
                 _check_dst_vma(ctx, vma, dst, length, mode, wp)
@@ -425,6 +426,18 @@ def _dst_vma(ctx: Userfaultfd, dst: int, length: int, mode: MfillMode, wp: bool)
     _check_dst_vma(ctx, vma, dst, length, mode, wp)
     assert vma is not None
     return vma
+
+
+def _check_hugetlb_dst(ctx: Userfaultfd, vma: Vma, dst: int, length: int, wp: bool) -> None:
+    """What ``mfill_atomic`` checks before handing a hugetlb VMA on: an unregistered or too
+    short VMA is ENOENT, then EAGAIN, then EINVAL for MODE_WP without WP registration - all
+    before ZEROPAGE's EINVAL and the huge-page alignment of ``mfill_atomic_hugetlb``."""
+    if dst + length > vma.vm_end or vma.vm_userfaultfd_ctx is None:
+        raise MfillError(errno.ENOENT)
+    if ctx.mmap_changing:
+        raise MfillError(errno.EAGAIN)
+    if wp and not vma.vm_flags & VM_UFFD_WP:
+        raise MfillError(errno.EINVAL)
 
 
 def _check_dst_vma(ctx: Userfaultfd, vma: Vma | None, dst: int, length: int, mode: MfillMode,
@@ -484,6 +497,8 @@ def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp:
                 mfill_pte(ctx, vma, dst, mode, wp, None)
                 return PAGE_SIZE
     if hugetlb:
+        assert vma is not None
+        _check_hugetlb_dst(ctx, vma, dst, PAGE_SIZE, wp)
         if mode is MfillMode.ZEROPAGE:
             raise MfillError(errno.EINVAL)  # there is no huge zero page to map
         return int(ctx.kernel.mfill_atomic_hugetlb(ctx, vma, dst, src, PAGE_SIZE, mode, wp))
