@@ -1,12 +1,13 @@
 """A stateful model of userfaultfd: every ioctl, touch and mm change against a plain model.
 
-The address space under test (all inside one 2 MiB-aligned PMD, so every
-page table the model talks about exists)::
+The address space under test (A and the buffers inside one 2 MiB-aligned PMD,
+so every page table the model talks about exists)::
 
     base + 0 ..  W    A: the anon window, MAP_PRIVATE|MAP_ANONYMOUS, W pages
-                         (munmap / mremap(FIXED) move pages around inside it)
-    base + 16         srcbuf: the UFFDIO_COPY source (never registered)
-    base + 17 .. 19   M: two anon pages, the UFFDIO_MOVE sources (never registered)
+                         (munmap / mmap(MAP_FIXED) / mremap(FIXED) move pages around in it)
+    base + 16 .. 17   srcbuf: the UFFDIO_COPY source, 2 pages (never registered)
+    base + 18         hole: never mapped (a COPY source there is EFAULT)
+    base + 20 .. 21   M: two anon pages, the UFFDIO_MOVE sources (never registered)
     elsewhere         S: a shmem memfd of W pages mapped MAP_SHARED (registrable)
                       S2: the same memfd mapped again (the alias, never registered)
 
@@ -14,24 +15,39 @@ Two userfaultfds (a Bundle): ``sigbus`` has UFFD_FEATURE_SIGBUS, so a touch
 that would fault into it raises Sigbus at once and no thread is needed;
 ``block`` has not, and a touch of its ranges runs on a task that the test
 serves as a monitor would: poll, read (the message is checked: address and
-WRITE/WP/MINOR flags), resolve (COPY, unprotect, CONTINUE), join.
+WRITE/WP/MINOR flags), resolve (COPY, unprotect, CONTINUE), join. ``block``
+may have UFFD_FEATURE_EVENT_FORK: a fork then blocks until the monitor reads
+the FORK message, ioctls on ``block`` meanwhile fail EAGAIN (mmap_changing),
+and the child keeps ``block``'s registrations and uffd-wp bits.
 
 The model keeps, per page: whether it is mapped, its registration (uffd and
 modes), its PTE (none, uffd-wp marker, poison marker, zero page, page with a
-value and the uffd-wp bit, anon-exclusive or not), and for the memfd the page
-cache. It predicts every result and errno (ENOENT, EINVAL, EEXIST, EBUSY,
-EFAULT, partial EAGAIN with bytes done in the output field). When the model
-and vmemu disagreed, the real kernel (``vmemu.native``) decided.
-``kernel.check()`` runs after every step.
+value and the uffd-wp bit, anon-exclusive or not, writable despite a stale
+uffd-wp bit), and for the memfd the page cache. It predicts every result and
+errno (ENOENT, EINVAL, EEXIST, EBUSY, EFAULT, EAGAIN: partial progress with
+the bytes done in the output field, or mmap_changing with -EAGAIN there),
+the uffd-wp bit of every page (pagemap bit 57), the child's registrations
+after fork. Where the model and vmemu disagreed, Linux 6.18 decided
+(``vmemu.native``; the cases are in tests/uffd/test_uffd_stateful_regressions.py
+when vmemu was wrong). ``kernel.check()`` runs after every step.
+
+``test_replay_on_the_kernel`` replays a few fixed sequences on vmemu and on
+the real kernel and compares every result.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import platform
 import select
+import struct
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import attrs
+import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -39,12 +55,15 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
+    precondition,
     rule,
 )
 
 import vmemu
 from vmemu.constants import (
     MADV_DONTNEED,
+    MADV_FREE,
+    MADV_REMOVE,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_PRIVATE,
@@ -55,6 +74,8 @@ from vmemu.constants import (
 )
 from vmemu.errors import Sigbus, Sigsegv
 from vmemu.mmu.mremap import MREMAP_FIXED, MREMAP_MAYMOVE
+from vmemu.mmu.proc import PM_UFFD_WP
+from vmemu.mmu.vma import VM_UFFD_MINOR, VM_UFFD_MISSING, VM_UFFD_WP
 from vmemu.uffd import uapi
 
 W = 4
@@ -64,8 +85,15 @@ WP = uapi.UFFDIO_REGISTER_MODE_WP
 MINOR = uapi.UFFDIO_REGISTER_MODE_MINOR
 FEATURES = (uapi.UFFD_FEATURE_WP_UNPOPULATED | uapi.UFFD_FEATURE_POISON
             | uapi.UFFD_FEATURE_MOVE | uapi.UFFD_FEATURE_MINOR_SHMEM)
+JOIN_S = 3.0  # a touch the model says ends must end well within this
 
 NONE, WPMARK, POISON, ZERO, PAGE = "none", "wp-marker", "poison", "zero", "page"
+
+
+def vm_modes(vm_flags: int) -> int:
+    """The UFFDIO_REGISTER modes a VMA's VM_UFFD_* flags stand for."""
+    return ((MISSING if vm_flags & VM_UFFD_MISSING else 0) | (WP if vm_flags & VM_UFFD_WP else 0)
+            | (MINOR if vm_flags & VM_UFFD_MINOR else 0))
 
 
 @attrs.define
@@ -73,9 +101,14 @@ class Pte:
     """What the model knows of one PTE."""
 
     kind: str = NONE
-    wp: bool = False
+    wp: bool = False  # the uffd-wp bit of a ZERO / PAGE entry
     val: int = 0  # anon PAGE only (shmem values live in the page cache)
     excl: bool = True  # anon PAGE: PageAnonExclusive
+    writable: bool = False  # a stale uffd-wp bit on a PTE made writable by a write
+
+    def wp_bit(self) -> bool:
+        """pagemap's PM_UFFD_WP for this entry."""
+        return self.kind == WPMARK or (self.kind in (ZERO, PAGE) and self.wp)
 
 
 @attrs.define
@@ -95,6 +128,7 @@ class Uffd:
     name: str
     obj: Any
     sigbus: bool
+    event_fork: bool = False
 
     def __repr__(self) -> str:
         return f"<uffd {self.name}>"
@@ -108,18 +142,19 @@ class Fault(Exception):  # noqa: N818 - a predicted userfault, not an error
         self.flags = flags
 
 
-def _expect_oserror(fn: Any, err: int, field: str | None = None, value: int | None = None) -> None:
-    event(f"{getattr(fn, '__qualname__', '?').split('.')[1]}: {errno.errorcode[err]}")
+def _expect_oserror(what: str, fn: Callable[[], Any], err: int, field: str | None = None,
+                    value: int | None = None) -> None:
+    event(f"{what}: {errno.errorcode[err]}")
     try:
         fn()
     except OSError as e:
-        assert e.errno == err, f"errno {e.errno} ({errno.errorcode.get(e.errno or 0)}), " \
+        assert e.errno == err, f"{what}: errno {e.errno} ({errno.errorcode.get(e.errno or 0)}), " \
             f"model says {errno.errorcode[err]}"
         if field is not None:
             got = getattr(e.struct, field)  # type: ignore[attr-defined]
-            assert got == value, f"{field} = {got}, model says {value}"
+            assert got == value, f"{what}: {field} = {got}, model says {value}"
         return
-    raise AssertionError(f"succeeded, model says {errno.errorcode[err]}")
+    raise AssertionError(f"{what} succeeded, model says {errno.errorcode[err]}")
 
 
 class UffdMachine(RuleBasedStateMachine):
@@ -142,9 +177,10 @@ class UffdMachine(RuleBasedStateMachine):
         self.A = base
         p.mmap(self.A, W * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
         self.srcbuf = base + 16 * PAGE_SIZE
-        self.M = self.srcbuf + PAGE_SIZE
-        p.mmap(self.srcbuf, 3 * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
-        p.write_u64(self.srcbuf, 0)
+        self.hole = base + 18 * PAGE_SIZE
+        self.M = base + 20 * PAGE_SIZE
+        p.mmap(self.srcbuf, 2 * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+        p.mmap(self.M, 2 * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
         self.a = [Slot() for _ in range(W)]
         self.s = [Slot() for _ in range(W)]
         self.cache: list[int | None] = [None] * W
@@ -180,30 +216,21 @@ class UffdMachine(RuleBasedStateMachine):
                     and slots[i].mode == slots[start].mode, f"{which}{i} differs in one VMA"
         return one
 
-    def read_value(self, which: str, i: int) -> int:
-        """What a present page reads as, per the model."""
-        slot = self.area(which)[1][i]
-        if which == "S":
-            c = self.cache[i]
-            assert c is not None
-            return c
-        return slot.pte.val if slot.pte.kind == PAGE else 0
-
-    # -- the touch model: returns the value read, raises Fault/Sigbus/Sigsegv kinds ----
+    # -- the touch model -----------------------------------------------------------
 
     def model_touch(self, which: str, i: int, write: bool, v: int) -> str | int:
-        """Advance the model by one access attempt; returns "SIGSEGV", "SIGBUS", a Fault
-        flags int wrapped as ("fault", flags) via exception, or the value read."""
+        """Advance the model by one access attempt: the value read (or written),
+        "SIGSEGV" / "SIGBUS", or raise Fault with the message flags of a userfault."""
         slot = self.area(which)[1][i]
         pte = slot.pte
         wflag = uapi.UFFD_PAGEFAULT_FLAG_WRITE if write else 0
         if not slot.mapped:
             return "SIGSEGV"
         if pte.kind == POISON:
-            return "SIGBUS"
+            return "SIGBUS"  # handle_pte_marker: PTE_MARKER_POISONED -> VM_FAULT_HWPOISON
         wp_reg = bool(slot.mode & WP)
         if pte.kind == WPMARK and not wp_reg:
-            pte.kind = NONE  # a leftover marker is cleared (pte_marker_clear)
+            pte.kind = NONE  # a leftover marker is cleared (pte_marker_clear), then refaults
         if which == "A":
             if pte.kind in (NONE, WPMARK):
                 if slot.mode & MISSING:
@@ -219,9 +246,12 @@ class UffdMachine(RuleBasedStateMachine):
                 return v
             if not write:
                 return pte.val if pte.kind == PAGE else 0
-            if pte.wp and wp_reg:
+            if pte.wp and wp_reg and not pte.writable:
                 raise Fault(wflag | uapi.UFFD_PAGEFAULT_FLAG_WP)
-            slot.pte = Pte(PAGE, val=v)
+            if pte.kind == PAGE:  # do_wp_page reuses the page: a stale uffd-wp bit stays
+                slot.pte = Pte(PAGE, wp=pte.wp, val=v, writable=pte.wp)
+            else:  # the zero page is copied: a fresh PTE
+                slot.pte = Pte(PAGE, val=v)
             return v
         # shmem
         if pte.kind in (NONE, WPMARK):
@@ -242,8 +272,9 @@ class UffdMachine(RuleBasedStateMachine):
             return v
         if not write:
             return self.cache[i]  # type: ignore[return-value]
-        if pte.wp and wp_reg:
+        if pte.wp and wp_reg and not pte.writable:
             raise Fault(wflag | uapi.UFFD_PAGEFAULT_FLAG_WP)
+        pte.writable = pte.writable or pte.wp  # wp_page_shared keeps a stale bit too
         self.cache[i] = v
         return v
 
@@ -259,25 +290,28 @@ class UffdMachine(RuleBasedStateMachine):
                                                   for _ in range(2)]))
     def open_sigbus(self, modes: tuple[int, int]) -> Uffd:
         """The SIGBUS uffd, with A's first half registered in one mode and the rest in another."""
-        u = self._open(True)
+        u = self._open(True, False)
         for half, mode in enumerate(modes):
             if mode:
                 self.register(u, "A", 2 * half, 2, mode)
         return u
 
-    @initialize(target=uffds, mode=st.sampled_from([0, MISSING, MINOR, MINOR | WP, MISSING | WP]))
-    def open_blocking(self, mode: int) -> Uffd:
+    @initialize(target=uffds, mode=st.sampled_from([0, MISSING, MINOR, MINOR | WP, MISSING | WP]),
+                event_fork=st.booleans())
+    def open_blocking(self, mode: int, event_fork: bool) -> Uffd:
         """The blocking uffd, with S registered in ``mode``."""
-        u = self._open(False)
+        u = self._open(False, event_fork)
         if mode:
             self.register(u, "S", 0, W, mode)
         return u
 
-    def _open(self, sigbus: bool) -> Uffd:
+    def _open(self, sigbus: bool, event_fork: bool) -> Uffd:
         obj = self.p.userfaultfd(uapi.O_NONBLOCK | uapi.O_CLOEXEC)
-        obj.api(FEATURES | (uapi.UFFD_FEATURE_SIGBUS if sigbus else 0))
+        obj.api(FEATURES | (uapi.UFFD_FEATURE_SIGBUS if sigbus else 0)
+                | (uapi.UFFD_FEATURE_EVENT_FORK if event_fork else 0))
         self.n_uffds += 1
-        return Uffd(f"u{self.n_uffds}{'-sigbus' if sigbus else ''}", obj, sigbus)
+        name = f"u{self.n_uffds}{'-sigbus' if sigbus else ''}{'-fork' if event_fork else ''}"
+        return Uffd(name, obj, sigbus, event_fork)
 
     pages = st.integers(0, W - 1)
     npages = st.integers(1, 2)
@@ -286,19 +320,20 @@ class UffdMachine(RuleBasedStateMachine):
     @rule(u=uffds, which=areas, start=pages, n=npages,
           mode=st.sampled_from([MISSING, WP, MISSING | WP, MINOR, MINOR | WP, MISSING | MINOR]))
     def register(self, u: Uffd, which: str, start: int, n: int, mode: int) -> None:
-        n = min(n, W - start) if n <= 2 else n
+        """UFFDIO_REGISTER: per VMA in address order, the type (EINVAL) then the owner (EBUSY)."""
+        n = min(n, W - start)
         base, slots = self.area(which)
         rng = slots[start:start + n]
         call = lambda: u.obj.register(base + start * PAGE_SIZE, n * PAGE_SIZE, mode)  # noqa: E731
         if not any(s.mapped for s in rng):
-            return _expect_oserror(call, errno.EINVAL)
-        for s in rng:  # per VMA in address order: type, then owner
+            return _expect_oserror("register", call, errno.EINVAL)
+        for s in rng:
             if not s.mapped:
                 continue
             if mode & MINOR and which == "A":
-                return _expect_oserror(call, errno.EINVAL)
+                return _expect_oserror("register", call, errno.EINVAL)
             if s.ctx is not None and s.ctx is not u:
-                return _expect_oserror(call, errno.EBUSY)
+                return _expect_oserror("register", call, errno.EBUSY)
         ioctls = call()
         event("register: ok")
         assert ioctls & (1 << uapi._UFFDIO_WAKE)
@@ -309,41 +344,45 @@ class UffdMachine(RuleBasedStateMachine):
                 continue
             if s.ctx is u and s.mode & mode == mode:
                 continue  # already registered with a superset: left alone
-            s.ctx, s.mode = u, mode
+            s.ctx, s.mode = u, mode  # the mode set is replaced; uffd-wp bits stay
 
     @rule(u=uffds, which=areas, start=pages, n=npages)
     def unregister(self, u: Uffd, which: str, start: int, n: int) -> None:
+        """UFFDIO_UNREGISTER: EINVAL without a VMA or with another uffd's VMA; clears uffd-wp."""
         n = min(n, W - start)
         base, slots = self.area(which)
         rng = slots[start:start + n]
         call = lambda: u.obj.unregister(base + start * PAGE_SIZE, n * PAGE_SIZE)  # noqa: E731
         if not any(s.mapped for s in rng):
-            return _expect_oserror(call, errno.EINVAL)
+            return _expect_oserror("unregister", call, errno.EINVAL)
         if any(s.mapped and s.ctx is not None and s.ctx is not u for s in rng):
-            return _expect_oserror(call, errno.EINVAL)
+            return _expect_oserror("unregister", call, errno.EINVAL)
         call()
         for s in rng:
             if s.mapped and s.ctx is not None:
-                if s.mode & WP:
-                    s.pte.wp = False
+                if s.mode & WP:  # userfaultfd_clear_vma -> uffd_wp_range(..., false)
+                    s.pte.wp = s.pte.writable = False
                     if s.pte.kind == WPMARK:
                         s.pte.kind = NONE
                 s.ctx, s.mode = None, 0
 
     # -- rules: the filling ioctls -------------------------------------------------
 
-    def _mfill(self, u: Uffd, op: str, which: str, start: int, n: int, wp: bool, v: int) -> None:
+    def _mfill(self, u: Uffd, op: str, which: str, start: int, n: int, wp: bool, v: int,
+               src: str = "buf") -> None:
         n = min(n, W - start)
         base, slots = self.area(which)
         dst = base + start * PAGE_SIZE
         length = n * PAGE_SIZE
         field = {"copy": "copy", "zeropage": "zeropage", "continue": "mapped",
                  "poison": "updated"}[op]
-        self.p.write_u64(self.srcbuf, v)
+        for k in range(2):  # page k of the source fills page start+k
+            self.p.write_u64(self.srcbuf + k * PAGE_SIZE, v + k)
+        src_addr = {"buf": self.srcbuf, "half": self.srcbuf + PAGE_SIZE, "hole": self.hole}[src]
 
         def call() -> int:
             if op == "copy":
-                return int(u.obj.copy(dst, self.srcbuf, length,
+                return int(u.obj.copy(dst, src_addr, length,
                                       uapi.UFFDIO_COPY_MODE_WP if wp else 0))
             if op == "zeropage":
                 return int(u.obj.zeropage(dst, length))
@@ -352,29 +391,34 @@ class UffdMachine(RuleBasedStateMachine):
                                            uapi.UFFDIO_CONTINUE_MODE_WP if wp else 0))
             return int(u.obj.poison(dst, length))
 
+        # mfill_atomic: one VMA registered with any uffd of this mm (ENOENT), then the mode
         if not self.same_vma(which, start, n) or slots[start].ctx is None:
-            return _expect_oserror(call, errno.ENOENT)
+            return _expect_oserror(op, call, errno.ENOENT)
         if wp and not slots[start].mode & WP:
-            return _expect_oserror(call, errno.EINVAL)
+            return _expect_oserror(op, call, errno.EINVAL)
         if op == "continue" and which == "A":
-            return _expect_oserror(call, errno.EINVAL)
+            return _expect_oserror(op, call, errno.EINVAL)
         done, err = 0, 0
-        for i in range(start, start + n):
-            err = self._mfill_page(op, which, i, wp, v)
+        for k in range(n):
+            src_ok = src == "buf" or (src == "half" and k == 0)
+            err = self._mfill_page(op, which, start + k, wp, v + (k + (src == "half")), src_ok)
             if err:
                 break
             done += 1
         if err and not done:
-            return _expect_oserror(call, err, field, -err)
+            return _expect_oserror(op, call, err, field, -err)
         if err:
-            return _expect_oserror(call, errno.EAGAIN, field, done * PAGE_SIZE)
+            return _expect_oserror(op, call, errno.EAGAIN, field, done * PAGE_SIZE)
         assert call() == length
         event(f"{op}: ok")
 
-    def _mfill_page(self, op: str, which: str, i: int, wp: bool, v: int) -> int:
+    def _mfill_page(self, op: str, which: str, i: int, wp: bool, v: int, src_ok: bool) -> int:
+        """One page of mfill_atomic: 0 or the errno it fails with; the model advances on 0."""
         slot = self.area(which)[1][i]
         pte = slot.pte
         none_mostly = pte.kind in (NONE, WPMARK, POISON)
+        if op == "copy" and not src_ok:
+            return errno.EFAULT  # copy_from_user of the source comes before the PTE checks
         if op == "poison":
             if pte.kind != NONE:
                 return errno.EEXIST
@@ -403,9 +447,11 @@ class UffdMachine(RuleBasedStateMachine):
         slot.pte = Pte(PAGE, wp=wp and op == "copy")
         return 0
 
-    @rule(u=uffds, which=areas, start=pages, n=npages, wp=st.booleans())
-    def copy(self, u: Uffd, which: str, start: int, n: int, wp: bool) -> None:
-        self._mfill(u, "copy", which, start, n, wp, self.value())
+    @rule(u=uffds, which=areas, start=pages, n=npages, wp=st.booleans(),
+          src=st.sampled_from(["buf", "buf", "buf", "half", "hole"]))
+    def copy(self, u: Uffd, which: str, start: int, n: int, wp: bool, src: str) -> None:
+        self._mfill(u, "copy", which, start, n, wp, self.value(), src)
+        self.tick += 1  # v + 1 went to the second page
 
     @rule(u=uffds, which=areas, start=pages, n=npages)
     def zeropage(self, u: Uffd, which: str, start: int, n: int) -> None:
@@ -421,6 +467,8 @@ class UffdMachine(RuleBasedStateMachine):
 
     @rule(u=uffds, which=areas, start=pages, n=npages, enable=st.booleans())
     def writeprotect(self, u: Uffd, which: str, start: int, n: int, enable: bool) -> None:
+        """UFFDIO_WRITEPROTECT (``mwriteprotect_range``): VMA by VMA, ENOENT at the first one
+        not registered for WP (those before it keep their new state) or when there is none."""
         n = min(n, W - start)
         base, slots = self.area(which)
         rng = slots[start:start + n]
@@ -429,23 +477,24 @@ class UffdMachine(RuleBasedStateMachine):
             uapi.UFFDIO_WRITEPROTECT_MODE_WP if enable else 0)
         mapped = [s for s in rng if s.mapped]
         todo, err = [], errno.ENOENT if not mapped else 0
-        for s in mapped:  # VMA by VMA; the ones before a failure keep their new state
+        for s in mapped:
             if not s.mode & WP:
                 err = errno.ENOENT
                 break
             todo.append(s)
         if err:
-            _expect_oserror(call, err)
+            _expect_oserror("writeprotect", call, err)
         else:
             call()
             event("writeprotect: ok")
         for s in todo:
             pte = s.pte
+            pte.writable = False
             if enable:
                 if pte.kind in (ZERO, PAGE):
                     pte.wp = True
                 elif pte.kind == NONE:
-                    pte.kind = WPMARK
+                    pte.kind = WPMARK  # WP_UNPOPULATED (anon); always for shmem
             else:
                 pte.wp = False
                 if pte.kind == WPMARK:
@@ -453,19 +502,21 @@ class UffdMachine(RuleBasedStateMachine):
 
     @rule(u=uffds, src=st.integers(0, 1), dst=pages)
     def move(self, u: Uffd, src: int, dst: int) -> None:
+        """UFFDIO_MOVE of one M page into A (``move_pages``): ENOENT no dst VMA, EINVAL dst not
+        registered with this uffd, EEXIST dst PTE not none, ENOENT src hole, EBUSY src shared."""
         slot, m = self.a[dst], self.m[src]
         call = lambda: u.obj.move(self.A + dst * PAGE_SIZE,  # noqa: E731
                                   self.M + src * PAGE_SIZE, PAGE_SIZE)
         if not slot.mapped:
-            return _expect_oserror(call, errno.ENOENT, "move", -errno.ENOENT)
+            return _expect_oserror("move", call, errno.ENOENT, "move", -errno.ENOENT)
         if slot.ctx is not u:
-            return _expect_oserror(call, errno.EINVAL, "move", -errno.EINVAL)
+            return _expect_oserror("move", call, errno.EINVAL, "move", -errno.EINVAL)
         if slot.pte.kind != NONE:
-            return _expect_oserror(call, errno.EEXIST, "move", -errno.EEXIST)
+            return _expect_oserror("move", call, errno.EEXIST, "move", -errno.EEXIST)
         if m.kind == NONE:
-            return _expect_oserror(call, errno.ENOENT, "move", -errno.ENOENT)
+            return _expect_oserror("move", call, errno.ENOENT, "move", -errno.ENOENT)
         if not m.excl:
-            return _expect_oserror(call, errno.EBUSY, "move", -errno.EBUSY)
+            return _expect_oserror("move", call, errno.EBUSY, "move", -errno.EBUSY)
         assert call() == PAGE_SIZE
         event("move: ok")
         slot.pte = Pte(PAGE, val=m.val)
@@ -511,12 +562,13 @@ class UffdMachine(RuleBasedStateMachine):
         addr = base + i * PAGE_SIZE
         v = self.value()
         handle = self.p.spawn(lambda t: self.do_access(t, addr, write, v), name="toucher")
-        for _ in range(4):
+        for n in range(1, 5):
             try:
                 want = self.model_touch(which, i, write, v)
                 break
             except Fault as f:
-                assert u.obj.poll(select.POLLIN, 5000) == select.POLLIN, "no fault message"
+                assert u.obj.poll(select.POLLIN, int(JOIN_S * 1000)) == select.POLLIN, \
+                    "no fault message"
                 msgs = u.obj.read_msgs(uapi.UFFD_MSG_SIZE * 4)
                 assert len(msgs) == 1, msgs
                 msg = msgs[0]
@@ -526,12 +578,12 @@ class UffdMachine(RuleBasedStateMachine):
                 self._resolve(u, which, i, f.flags, wp_copy)
         else:
             raise AssertionError("the model faults for ever")
-        event(f"touch_blocking: {_ + 1} faults")
+        event(f"touch_blocking: {n - 1} faults")
         try:
-            got: Any = handle.join(5)
+            got: Any = handle.join(JOIN_S)
         except Sigbus:
             got = "SIGBUS"
-        assert got == want, f"blocked touch {which}{i} read {got:#x}, model {want:#x}"
+        assert got == want, f"blocked touch {which}{i} got {got!r}, model {want!r}"
 
     def _resolve(self, u: Uffd, which: str, i: int, flags: int, wp_copy: bool) -> None:
         base, slots = self.area(which)
@@ -574,28 +626,46 @@ class UffdMachine(RuleBasedStateMachine):
     def read(self, u: Uffd) -> None:
         """No message is ever left behind: read() of the O_NONBLOCK fd is EAGAIN."""
         assert u.obj.poll() == 0
-        _expect_oserror(lambda: u.obj.read_msgs(uapi.UFFD_MSG_SIZE * 4), errno.EAGAIN)
+        _expect_oserror("read", lambda: u.obj.read_msgs(uapi.UFFD_MSG_SIZE * 4), errno.EAGAIN)
 
     # -- rules: mm changes -----------------------------------------------------------
 
-    @rule(which=areas, start=pages, n=npages)
-    def dontneed(self, which: str, start: int, n: int) -> None:
+    @rule(which=areas, start=pages, n=npages,
+          advice=st.sampled_from([MADV_DONTNEED, MADV_DONTNEED, MADV_REMOVE, MADV_FREE]))
+    def madvise(self, which: str, start: int, n: int, advice: int) -> None:
+        """MADV_DONTNEED zaps (anon: everything; file: a uffd-wp page leaves a marker, markers
+        stay, poison goes); MADV_REMOVE punches the shmem hole (zap without dropping poison);
+        MADV_FREE on anon only drops poison here (no reclaim). Holes: ENOMEM after the rest."""
         n = min(n, W - start)
         base, slots = self.area(which)
         rng = slots[start:start + n]
+        name = {MADV_DONTNEED: "dontneed", MADV_REMOVE: "remove", MADV_FREE: "free"}[advice]
         call = lambda: self.p.madvise(base + start * PAGE_SIZE, n * PAGE_SIZE,  # noqa: E731
-                                      MADV_DONTNEED)
-        if not all(s.mapped for s in rng):  # the mapped parts are still zapped
-            _expect_oserror(call, errno.ENOMEM)
+                                      advice)
+        file = which == "S"
+        if advice != MADV_DONTNEED and any(s.mapped for s in rng) \
+                and (advice == MADV_REMOVE) != file:
+            return _expect_oserror(name, call, errno.EINVAL)  # REMOVE wants a file, FREE anon
+        if not all(s.mapped for s in rng):
+            _expect_oserror(name, call, errno.ENOMEM)  # the mapped parts are still done
         else:
             call()
-        for s in rng:
+            event(f"{name}: ok")
+        for k, s in enumerate(rng):
             if not s.mapped:
                 continue
-            if which == "A":
+            pte = s.pte
+            if advice == MADV_FREE:
+                if pte.kind == POISON:
+                    s.pte = Pte()
+            elif not file:
                 s.pte = Pte()
-            elif s.pte.kind == PAGE:  # file-backed zap keeps uffd-wp as a marker
-                s.pte = Pte(WPMARK) if s.pte.wp else Pte()
+            elif pte.kind == PAGE:  # zap_install_uffd_wp_if_needed (the VMA is WP: wp set)
+                s.pte = Pte(WPMARK) if pte.wp and s.mode & WP else Pte()
+            elif pte.kind == POISON and advice == MADV_DONTNEED:
+                s.pte = Pte()
+            if advice == MADV_REMOVE:
+                self.cache[start + k] = None
 
     @rule(i=pages)
     def munmap(self, i: int) -> None:
@@ -604,69 +674,156 @@ class UffdMachine(RuleBasedStateMachine):
 
     @rule(i=pages)
     def mmap_fixed(self, i: int) -> None:
-        if self.a[i].mapped:
-            return
+        """A fresh anon page at A[i], over whatever was there (MAP_FIXED unmaps it first)."""
         self.p.mmap(self.A + i * PAGE_SIZE, PAGE_SIZE, RW,
                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
         self.a[i] = Slot()
 
     @rule(i=pages, j=pages)
     def mremap(self, i: int, j: int) -> None:
-        """Move page i to the unmapped page j (no EVENT_REMAP: registration and uffd-wp go)."""
-        src, dst = self.a[i], self.a[j]
-        if i == j or not src.mapped or dst.mapped:
-            return
-        self.p.mremap(self.A + i * PAGE_SIZE, PAGE_SIZE, PAGE_SIZE,
-                      MREMAP_MAYMOVE | MREMAP_FIXED, self.A + j * PAGE_SIZE)
+        """Move page i onto page j (MREMAP_FIXED unmaps j first). Without EVENT_REMAP the new
+        VMA is not registered and ``move_ptes`` drops uffd-wp bits and markers."""
+        src = self.a[i]
+        call = lambda: self.p.mremap(self.A + i * PAGE_SIZE, PAGE_SIZE, PAGE_SIZE,  # noqa: E731
+                                     MREMAP_MAYMOVE | MREMAP_FIXED, self.A + j * PAGE_SIZE)
+        if i == j:
+            return _expect_oserror("mremap", call, errno.EINVAL)  # the ranges overlap
+        if not src.mapped:
+            return _expect_oserror("mremap", call, errno.EFAULT)  # no VMA at old_addr
+        assert call() == self.A + j * PAGE_SIZE
+        event("mremap: ok")
         pte = src.pte
         if src.ctx is not None:
-            pte.wp = False
+            pte.wp = pte.writable = False
             if pte.kind == WPMARK:
                 pte.kind = NONE
         self.a[j] = Slot(pte=pte)
         self.a[i] = Slot(mapped=False)
 
-    @rule()
-    def fork(self) -> None:
-        """fork() without EVENT_FORK: the child sees the contents, no registration."""
-        child = self.p.fork()
+    # -- fork ------------------------------------------------------------------------
+
+    def _fork_event_ctx(self) -> Uffd | None:
+        """The uffd whose registrations raise UFFD_EVENT_FORK at fork, if any."""
+        for s in self.a + self.s:
+            if s.mapped and s.ctx is not None and s.ctx.event_fork:
+                return s.ctx  # type: ignore[no-any-return]
+        return None
+
+    @rule(probe=st.sampled_from(["copy", "zeropage", "writeprotect"]))
+    def fork(self, probe: str) -> None:
+        """fork(): without EVENT_FORK the child has no registration and no uffd-wp state; with
+        it (``dup_userfaultfd``) the child's VMAs are registered with a new uffd, in the FORK
+        message, keeping the modes and the uffd-wp bits, and fork waits for the monitor."""
+        ev = self._fork_event_ctx()
+        if ev is None:
+            child = self.p.fork()
+            child_uffd = None
+            event("fork: no event")
+        else:
+            handle = self.p.spawn(lambda t: self.p.fork(), name="forker")
+            assert ev.obj.poll(select.POLLIN, int(JOIN_S * 1000)) == select.POLLIN, "no FORK"
+            self._mmap_changing(ev, probe)
+            msgs = ev.obj.read_msgs(uapi.UFFD_MSG_SIZE * 4)
+            assert len(msgs) == 1 and isinstance(msgs[0], uapi.ForkMsg), msgs
+            child = handle.join(JOIN_S)
+            child_uffd = self.p.uffd_from_fd(msgs[0].ufd)
+            event("fork: EVENT_FORK")
         try:
-            for i, s in enumerate(self.a):
-                if not s.mapped:
-                    continue
-                addr = self.A + i * PAGE_SIZE
-                if s.pte.kind == POISON:
-                    try:
-                        child.read_u64(addr)
-                    except Sigbus:
-                        continue
-                    raise AssertionError(f"child read A{i} past a poison marker")
-                want = s.pte.val if s.pte.kind == PAGE else 0
-                assert child.read_u64(addr) == want, f"child A{i}"
-            for i, s in enumerate(self.s):
-                if s.pte.kind == PAGE:
-                    assert child.read_u64(self.S + i * PAGE_SIZE) == self.cache[i]
+            self._check_child(child, ev, child_uffd)
+            if child_uffd is not None:
+                self.p.close(msgs[0].ufd)  # the child's registrations go, its waiters wake
+            self._child_reads(child, ev)
             self.kernel.check()
         finally:
             child.exit()
         for pte in [s.pte for s in self.a] + self.m:
             if pte.kind == PAGE:
                 pte.excl = False  # shared with the child for a while: no longer exclusive
+            pte.writable = False  # copy_present_pte write-protects both sides of a COW page
+
+    def _mmap_changing(self, ev: Uffd, probe: str) -> None:
+        """While the FORK event is unread, range ioctls on its uffd fail EAGAIN (mmap_changing);
+        the resolving ones write -EAGAIN in their output field."""
+        dst = self.A
+        if probe == "copy":
+            self.p.write_u64(self.srcbuf, 0)
+            _expect_oserror("copy", lambda: ev.obj.copy(dst, self.srcbuf, PAGE_SIZE), errno.EAGAIN,
+                            "copy", -errno.EAGAIN)
+        elif probe == "zeropage":
+            _expect_oserror("zeropage", lambda: ev.obj.zeropage(dst, PAGE_SIZE), errno.EAGAIN,
+                            "zeropage", -errno.EAGAIN)
+        else:
+            _expect_oserror("writeprotect", lambda: ev.obj.writeprotect(dst, PAGE_SIZE, 0),
+                            errno.EAGAIN)
+
+    def _child_keeps(self, s: Slot, ev: Uffd | None) -> bool:
+        return ev is not None and s.ctx is ev
+
+    def _check_child(self, child: Any, ev: Uffd | None, child_uffd: Any) -> None:
+        """The child's registrations and uffd-wp bits (pagemap bit 57)."""
+        for which in ("A", "S"):
+            base, slots = self.area(which)
+            for i, s in enumerate(slots):
+                if not s.mapped:
+                    continue
+                addr = base + i * PAGE_SIZE
+                vma = child.mm.vmas.vma_lookup(addr)
+                assert vma is not None
+                keep = self._child_keeps(s, ev)
+                want_ctx = child_uffd if keep else None
+                assert vma.vm_userfaultfd_ctx is want_ctx, f"child {which}{i} registration"
+                assert vm_modes(vma.vm_flags) == (s.mode if keep else 0), f"child {which}{i} modes"
+                want_wp = keep and bool(s.mode & WP) and s.pte.wp_bit()
+                assert bool(child.pagemap(addr) & PM_UFFD_WP) == want_wp, f"child {which}{i} wp"
+
+    def _child_reads(self, child: Any, ev: Uffd | None) -> None:
+        """What the child reads once it has no registration left."""
+        for which in ("A", "S"):
+            base, slots = self.area(which)
+            for i, s in enumerate(slots):
+                if not s.mapped:
+                    continue
+                addr = base + i * PAGE_SIZE
+                # anon: the VMA's page tables are copied (it has an anon_vma: mfill gave it one);
+                # shmem: only when the child VMA is uffd-wp registered (vma_needs_copy)
+                copied = which == "A" or (self._child_keeps(s, ev) and bool(s.mode & WP))
+                if copied and s.pte.kind == POISON:
+                    want: Any = "SIGBUS"
+                elif which == "A":
+                    want = s.pte.val if s.pte.kind == PAGE else 0
+                else:
+                    if self.cache[i] is None:
+                        self.cache[i] = 0
+                    want = self.cache[i]
+                try:
+                    got: Any = child.read_u64(addr)
+                except Sigbus:
+                    got = "SIGBUS"
+                assert got == want, f"child {which}{i}: {got!r}, model {want!r}"
+
+    # -- invariants ------------------------------------------------------------------
 
     @invariant()
     def check(self) -> None:
         self.kernel.check()
 
     @invariant()
-    def present_pages_read_right(self) -> None:
-        """Every page the model says is present reads its value, without faulting."""
+    def ptes_match(self) -> None:
+        """Every page the model says is present has a PTE; pagemap's uffd-wp bit is the model's."""
         for which in ("A", "S"):
             base, slots = self.area(which)
             for i, s in enumerate(slots):
-                if s.mapped and s.pte.kind in (ZERO, PAGE):
-                    got = self.p.mm.pgtables.get_pte(base + i * PAGE_SIZE)
-                    assert got, f"{which}{i}: model has a {s.pte.kind}, the PTE is empty"
+                if not s.mapped:
+                    continue
+                addr = base + i * PAGE_SIZE
+                if s.pte.kind in (ZERO, PAGE):
+                    assert self.p.mm.pgtables.get_pte(addr), \
+                        f"{which}{i}: model has a {s.pte.kind}, the PTE is empty"
+                assert bool(self.p.pagemap(addr) & PM_UFFD_WP) == s.pte.wp_bit(), \
+                    f"{which}{i}: pagemap uffd-wp differs from the model's {s.pte}"
 
 
-UffdMachine.TestCase.settings = settings(settings())
+# Longer runs than the profile's default: most bugs need a page to go through several states.
+UffdMachine.TestCase.settings = settings(
+    settings(), stateful_step_count=2 * settings().stateful_step_count)
 TestUffdStateful = UffdMachine.TestCase
