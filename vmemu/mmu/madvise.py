@@ -172,7 +172,7 @@ def _dontneed(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None
     if mm.userfaultfd_remove(vma, start, end):
         vma, end = _relookup(mm, start, end)
     keep_wp = vma.vm_file is not None and bool(vma.vm_flags & VM_UFFD_WP)
-    zap_page_range(mm, vma, start, end, keep_wp)
+    zap_page_range(mm, vma, start, end, keep_wp, drop_markers=vma.vm_file is None)
     _reclaim_pt(mm, start, end)
 
 

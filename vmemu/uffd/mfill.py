@@ -388,6 +388,8 @@ def mfill_atomic(ctx: Userfaultfd, dst: int, src: int, length: int, mode: MfillM
                 if not done and vma is not None and vma.vm_flags & VM_HUGETLB:
                     _check_hugetlb_dst(ctx, vma, dst, length, wp)
                     hugetlb = vma
+                    if vma.anon_vma is None and not vma.vm_flags & VM_SHARED:
+                        anon_vma_prepare(vma)  # as in _check_dst_vma
                     break
                 _check_dst_vma(ctx, vma, dst, length, mode, wp)
                 assert vma is not None
@@ -442,7 +444,14 @@ def _check_hugetlb_dst(ctx: Userfaultfd, vma: Vma, dst: int, length: int, wp: bo
 
 def _check_dst_vma(ctx: Userfaultfd, vma: Vma | None, dst: int, length: int, mode: MfillMode,
                    wp: bool) -> None:
-    """The mfill_atomic checks of the destination VMA: ENOENT, EAGAIN, EINVAL."""
+    """The mfill_atomic checks of the destination VMA: ENOENT, EAGAIN, EINVAL.
+
+    The lookup (``uffd_lock_vma`` -> ``find_vma_and_prepare_anon``) gives a private VMA its
+    anon_vma before any check, so even a failed call leaves it one (it then merges, and is
+    copied at fork, as an anon VMA that had pages: a POISON marker survives fork).
+    """
+    if vma is not None and vma.anon_vma is None and not vma.vm_flags & VM_SHARED:
+        anon_vma_prepare(vma)
     if vma is None or dst + length > vma.vm_end or vma.vm_userfaultfd_ctx is None:
         raise MfillError(errno.ENOENT)
     if ctx.mmap_changing:
@@ -453,8 +462,6 @@ def _check_dst_vma(ctx: Userfaultfd, vma: Vma | None, dst: int, length: int, mod
         raise MfillError(errno.EINVAL)  # handled by mfill_atomic_hugetlb before we get here
     if mode is MfillMode.CONTINUE and vma.vm_file is None:
         raise MfillError(errno.EINVAL)
-    if vma.anon_vma is None and not vma.vm_flags & VM_SHARED:
-        anon_vma_prepare(vma)  # any op, even a POISON marker: fork then copies the VMA's PTEs
 
 
 def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp: bool) -> int:
@@ -471,6 +478,8 @@ def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp:
     mm = ctx.mm
     with mm.lock:
         vma = mm.vmas.vma_lookup(dst)
+        if vma is not None and vma.anon_vma is None and not vma.vm_flags & VM_SHARED:
+            anon_vma_prepare(vma)  # as in _check_dst_vma
         hugetlb = vma is not None and vma.vm_flags & VM_HUGETLB
         if not hugetlb:
             if vma is None or dst + PAGE_SIZE > vma.vm_end or vma.vm_userfaultfd_ctx is None:
@@ -492,8 +501,6 @@ def mfill_atomic_page(ctx: Userfaultfd, dst: int, src: int, mode: MfillMode, wp:
             else:
                 if mode is MfillMode.CONTINUE and vma.vm_file is None:
                     raise MfillError(errno.EINVAL)
-                if vma.anon_vma is None and not vma.vm_flags & VM_SHARED:
-                    anon_vma_prepare(vma)  # as _check_dst_vma (a COPY's new folio does it)
                 mfill_pte(ctx, vma, dst, mode, wp, None)
                 return PAGE_SIZE
     if hugetlb:

@@ -278,6 +278,8 @@ def move_pages(ctx: Userfaultfd, dst: int, src: int, length: int, mode: int) -> 
     mm = ctx.mm
     with mm.lock:
         dst_vma = mm.vmas.vma_lookup(dst)
+        if dst_vma is not None and dst_vma.anon_vma is None and not dst_vma.vm_flags & VM_SHARED:
+            anon_vma_prepare(dst_vma)  # uffd_move_lock -> find_vma_and_prepare_anon, first
         src_vma = mm.vmas.vma_lookup(src)
         if dst_vma is None or src_vma is None:
             raise MfillError(errno.ENOENT)

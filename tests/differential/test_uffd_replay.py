@@ -1,0 +1,339 @@
+"""The uffd stateful machine's operations, replayed on vmemu and on the real kernel.
+
+``tests/property/test_uffd_stateful.py`` checks vmemu against a model; this
+file checks the model's ground truth itself: a few fixed, seeded random
+sequences of the same operations (register, unregister, copy, zeropage,
+continue, poison, writeprotect, move, touch, madvise, munmap, mmap, mremap,
+fork) run on a ``vmemu.Process`` and on this process through
+``vmemu.native``, and every outcome must be equal: return values, errnos
+and output fields, values read or the signal taken, and after every step
+the uffd-wp and present bits of each page (pagemap) and the VMA layout of
+the window (maps). Both uffds have UFFD_FEATURE_SIGBUS, so no access ever
+blocks and no handler thread is needed; a fork's child reads every page in
+turn and stops at its first signal (``vmemu.native.access.fork_child``).
+
+The layout is the stateful machine's, inside a window of a PROT_NONE
+reservation (see tests/differential/_kernel.py for why)::
+
+    window + 0 .. 3     A: anon pages (munmap / mmap(MAP_FIXED) / mremap move them)
+    window + 16 .. 17   the COPY source; + 18 a hole; + 20 .. 21 the MOVE sources
+    elsewhere           S: a shmem memfd of 4 pages, MAP_SHARED; S2: its alias
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+from typing import Any
+
+import pytest
+from _kernel import ON_LINUX_X86_64, SKIP_REASON, parse_maps
+
+import vmemu
+from vmemu.constants import (
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_REMOVE,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PAGE_SIZE,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
+from vmemu.errors import Sigbus, Sigsegv
+from vmemu.mmu.mremap import MREMAP_FIXED, MREMAP_MAYMOVE
+from vmemu.uffd import uapi
+
+pytestmark = pytest.mark.differential
+
+W = 4
+RW = PROT_READ | PROT_WRITE
+RESERVE = 8 << 20
+WINDOW = 32
+FEATURES = (uapi.UFFD_FEATURE_SIGBUS | uapi.UFFD_FEATURE_WP_UNPOPULATED | uapi.UFFD_FEATURE_POISON
+            | uapi.UFFD_FEATURE_MOVE | uapi.UFFD_FEATURE_MINOR_SHMEM)
+PM_UFFD_WP, PM_PRESENT = 1 << 57, 1 << 63
+SEEDS = [1, 2, 3, 4, 5, 6]
+STEPS = 80
+_U64 = struct.Struct("<Q")
+
+
+class Side:
+    """The window, the memfd, two SIGBUS uffds, on one kernel."""
+
+    native = False
+
+    def __init__(self) -> None:
+        p = self.p = self._process()
+        self.reserve = p.mmap(0, RESERVE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+        base = self.base = (self.reserve + (2 << 20) - 1) & ~((2 << 20) - 1)
+        p.munmap(base, WINDOW * PAGE_SIZE)
+        self.A = base
+        self.srcbuf, self.hole, self.M = (base + k * PAGE_SIZE for k in (16, 18, 20))
+        for addr, n in ((self.A, W), (self.srcbuf, 2), (self.M, 2)):
+            p.mmap(addr, n * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+        self.fd = p.memfd_create("uffd-replay")
+        p.ftruncate(self.fd, W * PAGE_SIZE)
+        self.S = p.mmap(0, W * PAGE_SIZE, RW, MAP_SHARED, self.fd, 0)
+        self.S2 = p.mmap(0, W * PAGE_SIZE, RW, MAP_SHARED, self.fd, 0)
+        self.uffds = []
+        for _ in range(2):
+            u = p.userfaultfd(uapi.O_NONBLOCK | uapi.O_CLOEXEC)
+            u.api(FEATURES)
+            self.uffds.append(u)
+
+    def _process(self) -> Any:
+        return vmemu.Process()
+
+    def close(self) -> None:
+        for u in self.uffds:
+            u.close()
+        for addr in (self.S, self.S2):
+            self.p.munmap(addr, W * PAGE_SIZE)
+        self.p.munmap(self.reserve, RESERVE)
+        self.p.close(self.fd)
+
+    def area(self, which: str) -> int:
+        return self.A if which == "A" else self.S
+
+    # accesses that survive the signal they may end in
+    def peek(self, addr: int) -> int | str:
+        try:
+            return int(self.p.read_u64(addr))
+        except Sigbus:
+            return "SIGBUS"
+        except Sigsegv:
+            return "SIGSEGV"
+
+    def poke(self, addr: int, v: int) -> int | str:
+        try:
+            self.p.write_u64(addr, v)
+        except Sigbus:
+            return "SIGBUS"
+        except Sigsegv:
+            return "SIGSEGV"
+        return v
+
+    def fork_reads(self, addrs: list[int]) -> list[int | str]:
+        """A child reads each address in turn; the values, then the signal that stopped it."""
+        child = self.p.fork()
+        out: list[int | str] = []
+        try:
+            for a in addrs:
+                try:
+                    out.append(int(child.read_u64(a)))
+                except Sigbus:
+                    return out + ["SIGBUS"]
+                except Sigsegv:
+                    return out + ["SIGSEGV"]
+        finally:
+            child.exit()
+        return out
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """pagemap uffd-wp / present bits of every page, and the window's VMA layout."""
+        bits = []
+        for base in (self.A, self.S):
+            for i in range(W):
+                pm = self.p.pagemap(base + i * PAGE_SIZE)
+                bits.append((bool(pm & PM_UFFD_WP), bool(pm & PM_PRESENT)))
+        layout = parse_maps(self.p.maps(), self.base, self.base + WINDOW * PAGE_SIZE, self.base)
+        return tuple(bits), tuple(layout)
+
+
+class NativeSide(Side):
+    """The same on Linux: this process's memory, accesses through the C helper."""
+
+    native = True
+
+    def _process(self) -> Any:
+        from vmemu.native import NativeProcess
+
+        return NativeProcess()
+
+    def peek(self, addr: int) -> int | str:
+        from vmemu.native import access
+
+        res = access.user_access(addr, 8, want_data=True)
+        if not res.ok:
+            return {7: "SIGBUS", 11: "SIGSEGV"}[res.signo]
+        assert res.data is not None
+        return int(_U64.unpack(res.data)[0])
+
+    def poke(self, addr: int, v: int) -> int | str:
+        from vmemu.native import access
+
+        res = access.user_access(addr, 8, write=_U64.pack(v))
+        if not res.ok:
+            return {7: "SIGBUS", 11: "SIGSEGV"}[res.signo]
+        return v
+
+    def fork_reads(self, addrs: list[int]) -> list[int | str]:
+        from vmemu.native import access
+
+        ops = [access.ChildOp(access.CHILD_PEEK, a, 8) for a in addrs]
+        res_r, res_w = os.pipe()
+        rel_r, rel_w = os.pipe()
+        try:
+            pid = access.fork_child(ops, res_w, rel_r)
+            os.close(res_w)
+            buf = b""
+            while chunk := os.read(res_r, 65536):
+                buf += chunk
+            _, status = os.waitpid(pid, 0)
+        finally:
+            for fd in (res_r, rel_r, rel_w):
+                os.close(fd)
+        recs, _ = access.parse_child_records(buf)
+        out: list[int | str] = [int(_U64.unpack(data)[0]) for _, _, data in recs]
+        if os.WIFSIGNALED(status):
+            out.append({7: "SIGBUS", 11: "SIGSEGV"}[os.WTERMSIG(status)])
+        return out
+
+
+def _call(fn: Any) -> Any:
+    """The result of a syscall or ioctl: its value, or the errno name and the output fields."""
+    try:
+        return ("ok", fn())
+    except OSError as e:
+        s = getattr(e, "struct", None)
+        fields = {f: getattr(s, f) for f in ("copy", "zeropage", "mapped", "updated", "move")
+                  if s is not None and hasattr(s, f)}
+        return (errno.errorcode.get(e.errno or 0, e.errno), fields)
+
+
+def gen_ops(seed: int) -> list[tuple[Any, ...]]:
+    """A deterministic random sequence of the machine's operations."""
+    r = random.Random(seed)
+    ops: list[tuple[Any, ...]] = []
+    for _ in range(STEPS):
+        which, i, n, u = r.choice("AS"), r.randrange(W), r.choice((1, 2)), r.randrange(2)
+        n = min(n, W - i)
+        kind = r.choice(["register", "register", "unregister", "copy", "copy", "zeropage",
+                         "continue", "poison", "writeprotect", "writeprotect", "move", "fill",
+                         "touch", "touch", "alias", "madvise", "munmap", "mmap", "mremap", "fork"])
+        if kind == "register":
+            ops.append((kind, u, which, i, n, r.choice([1, 2, 3, 4, 5, 6])))
+        elif kind in ("unregister", "zeropage", "poison"):
+            ops.append((kind, u, which, i, n))
+        elif kind == "copy":
+            ops.append((kind, u, which, i, n, r.random() < 0.3, r.choice(["buf", "half", "hole"])))
+        elif kind == "continue":
+            ops.append((kind, u, which, i, n, r.random() < 0.3))
+        elif kind == "writeprotect":
+            ops.append((kind, u, which, i, n, r.random() < 0.6))
+        elif kind == "move":
+            ops.append((kind, u, r.randrange(2), i))
+        elif kind == "fill":
+            ops.append((kind, r.randrange(2)))
+        elif kind == "touch":
+            ops.append((kind, which, i, r.random() < 0.5))
+        elif kind == "alias":
+            ops.append((kind, i, r.random() < 0.5))
+        elif kind == "madvise":
+            ops.append((kind, which, i, n, r.choice([MADV_DONTNEED, MADV_REMOVE, MADV_FREE])))
+        elif kind in ("munmap", "mmap"):
+            ops.append((kind, i))
+        elif kind == "mremap":
+            ops.append((kind, i, r.randrange(W)))
+        else:
+            ops.append((kind,))
+    return ops
+
+
+def apply(side: Side, op: tuple[Any, ...], v: int) -> Any:
+    """Run one operation; its outcome as a comparable value."""
+    kind, *args = op
+    p = side.p
+    if kind in ("register", "unregister", "copy", "zeropage", "continue", "poison",
+                "writeprotect"):
+        u, which, i, n, *rest = args
+        obj = side.uffds[u]
+        dst, length = side.area(which) + i * PAGE_SIZE, n * PAGE_SIZE
+        if kind == "register":
+            return _call(lambda: obj.register(dst, length, rest[0]))
+        if kind == "unregister":
+            return _call(lambda: obj.unregister(dst, length))
+        if kind == "copy":
+            wp, src = rest
+            for k in range(2):
+                p.write_u64(side.srcbuf + k * PAGE_SIZE, v + k)
+            src_addr = {"buf": side.srcbuf, "half": side.srcbuf + PAGE_SIZE, "hole": side.hole}[src]
+            return _call(lambda: obj.copy(dst, src_addr, length, uapi.UFFDIO_COPY_MODE_WP * wp))
+        if kind == "zeropage":
+            return _call(lambda: obj.zeropage(dst, length))
+        if kind == "continue":
+            return _call(lambda: obj.continue_(dst, length, uapi.UFFDIO_CONTINUE_MODE_WP * rest[0]))
+        if kind == "poison":
+            return _call(lambda: obj.poison(dst, length))
+        return _call(lambda: obj.writeprotect(dst, length, uapi.UFFDIO_WRITEPROTECT_MODE_WP
+                                              * rest[0]))
+    if kind == "move":
+        u, src, i = args
+        return _call(lambda: side.uffds[u].move(side.A + i * PAGE_SIZE, side.M + src * PAGE_SIZE,
+                                                PAGE_SIZE))
+    if kind == "fill":
+        return side.poke(side.M + args[0] * PAGE_SIZE, v)
+    if kind == "touch":
+        which, i, write = args
+        addr = side.area(which) + i * PAGE_SIZE
+        return side.poke(addr, v) if write else side.peek(addr)
+    if kind == "alias":
+        i, write = args
+        addr = side.S2 + i * PAGE_SIZE
+        return side.poke(addr, v) if write else side.peek(addr)
+    if kind == "madvise":
+        which, i, n, advice = args
+        return _call(lambda: p.madvise(side.area(which) + i * PAGE_SIZE, n * PAGE_SIZE, advice))
+    if kind == "munmap":
+        return _call(lambda: p.munmap(side.A + args[0] * PAGE_SIZE, PAGE_SIZE))
+    if kind == "mmap":
+        return _call(lambda: p.mmap(side.A + args[0] * PAGE_SIZE, PAGE_SIZE, RW,
+                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED) - side.base)
+    if kind == "mremap":
+        i, j = args
+        return _call(lambda: p.mremap(side.A + i * PAGE_SIZE, PAGE_SIZE, PAGE_SIZE,
+                                      MREMAP_MAYMOVE | MREMAP_FIXED, side.A + j * PAGE_SIZE)
+                     - side.base)
+    assert kind == "fork"
+    return side.fork_reads([base + i * PAGE_SIZE for base in (side.A, side.S) for i in range(W)])
+
+
+def run(side: Side, ops: list[tuple[Any, ...]]) -> list[Any]:
+    """Every operation's outcome and the state after it."""
+    out = []
+    try:
+        for k, op in enumerate(ops):
+            out.append((op, apply(side, op, 0x1000 + 2 * k), side.snapshot()))
+    finally:
+        side.close()
+    return out
+
+
+def _native_side() -> NativeSide:
+    if not ON_LINUX_X86_64:
+        pytest.skip(SKIP_REASON)
+    from vmemu.native import access
+
+    try:
+        access.load()
+    except access.HelperUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        return NativeSide()
+    except OSError as e:
+        pytest.skip(f"userfaultfd not permitted here: {e}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_replay_on_the_kernel(seed: int) -> None:
+    ops = gen_ops(seed)
+    native = run(_native_side(), ops)
+    emulated = run(Side(), ops)
+    for k, (n, e) in enumerate(zip(native, emulated, strict=True)):
+        assert e == n, f"step {k} {n[0]}: vmemu {e[1:]}, Linux {n[1:]}; steps before: {ops[:k]}"
