@@ -241,45 +241,6 @@ def do_anonymous_page(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -
     return VmFault.NONE
 
 
-FAULT_AROUND_PAGES = 16  # fault_around_bytes = 64 KiB
-
-
-def do_fault_around(mm: MmStruct, vmf: VmFaultInfo) -> bool:
-    """Map the cached pages around a read fault (``do_fault_around`` -> ``filemap_map_pages``).
-
-    ``do_read_fault`` first maps every page of the page cache that is in
-    memory and has an empty PTE, in the 16-page aligned window around the
-    fault, clipped to the VMA and the page table. A VMA registered for
-    uffd WP or MINOR faults never does (``uffd_disable_fault_around``): its
-    PTEs carry the state. True when the faulting page itself got mapped
-    (``VM_FAULT_NOPAGE``: no ``->fault`` call, so no MISSING userfault).
-    """
-    vma = vmf.vma
-    inode = vma.vm_file
-    table = vmf.table
-    pte_off = vmf.idx
-    vma_off = (vmf.address - vma.vm_start) >> PAGE_SHIFT
-    from_pte = max(pte_off & ~(FAULT_AROUND_PAGES - 1), pte_off - min(pte_off, vma_off))
-    to_pte = min(from_pte + FAULT_AROUND_PAGES, 512,
-                 pte_off + ((vma.vm_end - vmf.address) >> PAGE_SHIFT))
-    prot = vm_get_page_prot(vma.vm_flags)
-    hit = False
-    for idx in range(from_pte, to_pte):
-        if table[idx]:
-            continue  # pte_none only: a marker or a present page is left alone
-        index = vmf.pgoff + idx - pte_off
-        if index >= inode.nr_pages_size:
-            break
-        folio = inode.pages.get(index)  # a lookup only: a page out on swap is skipped
-        if folio is None or folio.order or folio.flags & PG.hwpoison:
-            continue  # next_uptodate_folio: cold cache, or a large folio (not modelled here)
-        folio.refcount += 1
-        folio.mapcount += 1
-        table[idx] = (folio.pfn << PAGE_SHIFT) | prot
-        hit = hit or idx == pte_off
-    return hit
-
-
 def do_fault(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -> VmFault:
     """Fault in a page of a file (shmem) mapping (``do_fault``).
 
@@ -301,9 +262,6 @@ def do_fault(mm: MmStruct, vmf: VmFaultInfo, wp_marker: bool = False) -> VmFault
                 return VmFault.NONE
     if index >= inode.nr_pages_size:
         return VmFault.SIGBUS
-    if not vmf.flags & FAULT_FLAG_WRITE and not vma.vm_flags & (VM_UFFD_WP | VM_UFFD_MINOR) \
-            and do_fault_around(mm, vmf):
-        return VmFault.NONE
     folio = inode.find_folio(index)
     if folio is None:
         if vma.vm_flags & VM_UFFD_MISSING:
