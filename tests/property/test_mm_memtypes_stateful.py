@@ -34,7 +34,15 @@ the software TLB holds no translation the model forbids.
 
 Where the model needed a decision it was settled on the real 6.18 kernel
 of this machine (see the comments at each rule); MADV_HWPOISON follows
-``mm/memory-failure.c`` (that kernel is built without it).
+``mm/memory-failure.c`` (that kernel is built without it). vmemu bugs it
+found, fixed with regression tests in tests/mmu: mlock / MAP_POPULATE of a
+shared PROT_WRITE- or PROT_EXEC-only mapping was ENOMEM (no FOLL_FORCE);
+mlock over a poisoned page was EHWPOISON instead of ENOMEM; a populate
+that failed did not go on at the next VMA.
+
+Budget: ``scaled(0.3)`` of the profile's examples (about 6-9 s in the
+default profile on the project VM); ``VMEMU_HYPOTHESIS_PROFILE=campaign``
+runs 600 examples of 100 steps.
 
 :mod:`test_mm_huge_stateful` does the same for hugetlb and THP.
 """
