@@ -452,9 +452,8 @@ class MemTypesMachine(RuleBasedStateMachine):
                 if pg.kind == "private":
                     want = errno.EACCES
                     break
-                assert pg.file is not None
-                start = pg.index * PAGE_SIZE
-                pg.file.zero(start, min(start + PAGE_SIZE, pg.file.size))
+                assert pg.file is not None  # a hole punched over the whole page
+                pg.file.zero(pg.index * PAGE_SIZE, (pg.index + 1) * PAGE_SIZE)
             elif advice == MADV_DONTFORK:
                 pg.dontfork = True
             elif advice == MADV_DOFORK:
@@ -582,7 +581,7 @@ class MemTypesMachine(RuleBasedStateMachine):
 
     @staticmethod
     def move_model(pages: Pages, old: int, old_n: int, new: int, new_n: int, flags: int,
-                   src_vma: tuple[int, int]) -> None:
+                   src_vma: tuple[int, int], dest: tuple[int, int] | None = None) -> None:
         """``move_vma``: the destination is cleared (FIXED), the pages move.
 
         With DONTUNMAP the source stays mapped, empty (anonymous memory reads
@@ -602,8 +601,14 @@ class MemTypesMachine(RuleBasedStateMachine):
             else:
                 pages.pop(v, None)
         if flags & MREMAP_DONTUNMAP:
-            for v in range(*src_vma):
-                if v in pages and not new <= v < new + new_n:
+            lo, hi = src_vma  # the old VMA, as split by unmapping the destination
+            d0, d1 = dest if dest is not None else (new, new + new_n)
+            if d0 >= old + old_n:
+                hi = min(hi, d0)
+            elif d1 <= old:
+                lo = max(lo, d1)
+            for v in range(lo, hi):
+                if v in pages:
                     pages[v] = attrs.evolve(pages[v], locked=False)
         for v, pg in moved.items():
             pages[new + v - old] = pg
@@ -640,7 +645,7 @@ class MemTypesMachine(RuleBasedStateMachine):
         if want == errno.EFAULT:
             return
         for a, b, s, e in pieces:
-            self.move_model(pages, a, b - a, new + a - old, b - a, flags, (s, e))
+            self.move_model(pages, a, b - a, new + a - old, b - a, flags, (s, e), (new, new + n))
 
     def grow(self, pages: Pages, start: int, old_n: int, new_n: int, p: Process) -> None:
         """Pages added by growing a mapping: the VMA's kind, next file indexes, zero data."""
