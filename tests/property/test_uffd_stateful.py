@@ -1,6 +1,6 @@
 """A stateful model of userfaultfd: every ioctl, touch and mm change against a plain model.
 
-The address space under test (A and the buffers inside one 2 MiB-aligned PMD,
+The address space under test (all inside one 2 MiB-aligned PMD,
 so every page table the model talks about exists)::
 
     base + 0 ..  W    A: the anon window, MAP_PRIVATE|MAP_ANONYMOUS, W pages
@@ -8,8 +8,8 @@ so every page table the model talks about exists)::
     base + 16 .. 17   srcbuf: the UFFDIO_COPY source, 2 pages (never registered)
     base + 18         hole: never mapped (a COPY source there is EFAULT)
     base + 20 .. 21   M: two anon pages, the UFFDIO_MOVE sources (never registered)
-    elsewhere         S: a shmem memfd of W pages mapped MAP_SHARED (registrable)
-                      S2: the same memfd mapped again (the alias, never registered)
+    base + 32 ..      S: a shmem memfd of W pages mapped MAP_SHARED (registrable)
+    base + 48 ..      S2: the same memfd mapped again (the alias, never registered)
 
 Two userfaultfds (a Bundle): ``sigbus`` has UFFD_FEATURE_SIGBUS, so a touch
 that would fault into it raises Sigbus at once and no thread is needed;
@@ -163,11 +163,12 @@ class UffdMachine(RuleBasedStateMachine):
         p = self.p = self.kernel.spawn("uffd-model")
         fd = self.fd = p.memfd_create("uffd-model")
         p.ftruncate(fd, W * PAGE_SIZE)
-        self.S = p.mmap(0, W * PAGE_SIZE, RW, MAP_SHARED, fd, 0)
-        self.S2 = p.mmap(0, W * PAGE_SIZE, RW, MAP_SHARED, fd, 0)
         res = p.mmap(0, 8 << 20, RW, MAP_PRIVATE | MAP_ANONYMOUS)
         p.munmap(res, 8 << 20)
         base = self.base = (res + (2 << 20) - 1) & ~((2 << 20) - 1)
+        # S in one 16-page fault-around window
+        self.S = p.mmap(base + 32 * PAGE_SIZE, W * PAGE_SIZE, RW, MAP_SHARED | MAP_FIXED, fd, 0)
+        self.S2 = p.mmap(base + 48 * PAGE_SIZE, W * PAGE_SIZE, RW, MAP_SHARED | MAP_FIXED, fd, 0)
         self.A = base
         p.mmap(self.A, W * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
         self.srcbuf = base + 16 * PAGE_SIZE
