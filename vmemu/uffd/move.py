@@ -316,13 +316,15 @@ def _move_one(mm: Any, src_vma: Vma, dst_vma: Vma, s: int, d: int, src_end: int,
               mode: int) -> int:
     """One step of the ``move_pages`` loop: a PMD or a page; returns the bytes it covered."""
     src_pmd, si = _pmd(mm, s, False)
-    if src_pmd is None or not src_pmd[si]:
-        if not mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES:
-            raise MfillError(errno.ENOENT)
+    holes = bool(mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES)
+    if src_pmd is None and not holes:  # mm_find_pmd: no PMD table at all
+        raise MfillError(errno.ENOENT)
     dst_pmd, di = _pmd(mm, d, True)
     assert dst_pmd is not None
-    if dst_pmd[di] & _PAGE_PSE:
+    if dst_pmd[di] & _PAGE_PSE:  # a THP at dst is EEXIST before an empty src PMD is ENOENT
         raise MfillError(errno.EEXIST)
+    if (src_pmd is None or not src_pmd[si]) and not holes:
+        raise MfillError(errno.ENOENT)
     if src_pmd is not None and src_pmd[si] & _PAGE_PSE:
         whole = not (s & (PMD_SIZE - 1)) and not (d & (PMD_SIZE - 1)) and s + PMD_SIZE <= src_end
         if whole and not dst_pmd[di]:
