@@ -105,8 +105,8 @@ class SwapRoundTrip(Scenario):
         p = k.spawn()
         a = p.mmap(0, PMD_SIZE)
         p.madvise(a, PMD_SIZE, MADV_HUGEPAGE)
-        for i in range(512):
-            p.write(a + i * PAGE_SIZE, i.to_bytes(8, "little"))
+        for i in range(512):  # no all-zero page: a THP split maps those to the zero page
+            p.write(a + i * PAGE_SIZE, (i + 1).to_bytes(8, "little"))
 
         def run() -> None:
             p.madvise(a, PMD_SIZE, MADV_PAGEOUT)
