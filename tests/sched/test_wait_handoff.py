@@ -1,8 +1,10 @@
 """The hand-off details the fault round trip relies on: parking, before_sleep, pricing.
 
-`ThreadRuntime` parks a task on a lock used as a binary permit; a wake-up
-that arrives between `prepare_sleep` and `schedule` must not be lost, and
-one from before `prepare_sleep` must be forgotten. `WaitQueue.wait_event`
+`ThreadRuntime` parks a task on a pipe of its own holding at most one
+byte (a binary permit); a wake-up that arrives between `prepare_sleep` and
+`schedule` must not be lost, one from before `prepare_sleep` must be
+forgotten, and a queue's waker wakes the tasks only once it has dropped
+the queue's lock. `WaitQueue.wait_event`
 runs `before_sleep` once, queued and armed, just before the task would run
 the resolver or sleep. `Runtime.charge` prices from a cache but must follow
 a replaced or customised cost model.
@@ -151,3 +153,79 @@ def test_park_survives_many_hand_offs() -> None:
     assert turn[0] == 2 * n
     # no wake-up was lost: every wait ended by its condition, none by the timeout
     assert a.statistics().timeouts == b.statistics().timeouts == 0
+
+
+def test_thread_permit_is_binary() -> None:
+    rt = ThreadRuntime()
+    me = rt.current()
+    rt.prepare_sleep(me)
+    assert [rt.wake_up_process(me) for _ in range(3)] == [True, False, False]
+    t0 = time.monotonic()
+    rt.schedule("three wake-ups, one permit", rt.deadline_after(5.0))
+    assert time.monotonic() - t0 < 1.0
+    rt.prepare_sleep(me)  # nothing is left over from the three
+    t0 = time.monotonic()
+    rt.schedule("nothing pending", rt.deadline_after(0.05))
+    assert time.monotonic() - t0 >= 0.04
+
+
+def test_thread_permit_before_prepare_is_drained() -> None:
+    rt = ThreadRuntime()
+    me = rt.current()
+    rt.prepare_sleep(me)
+    rt.wake_up_process(me)
+    rt.prepare_sleep(me)  # the unconsumed wake-up of the first round is forgotten
+    t0 = time.monotonic()
+    rt.schedule("forgotten", rt.deadline_after(0.05))
+    assert time.monotonic() - t0 >= 0.04
+    rt.wake_up_process(me)  # and the next one still works
+    t0 = time.monotonic()
+    rt.schedule("kept", rt.deadline_after(5.0))
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_wake_up_wakes_tasks_after_dropping_the_queue_lock() -> None:
+    held: list[bool] = []
+
+    class Checking(ThreadRuntime):
+        def wake_up_process(self, task: object, reason: str = "") -> bool:
+            held.append(wq._lock.locked())
+            return super().wake_up_process(task, reason)  # type: ignore[arg-type]
+
+    rt = Checking()
+    wq = WaitQueue(rt, "wq")
+    flag: list[bool] = []
+    h = rt.spawn(lambda: wq.wait_event(lambda: bool(flag), reason="flag", timeout=5.0))
+    while not wq.waitqueue_active():
+        time.sleep(0.001)
+    flag.append(True)
+    assert wq.wake_up_all() == 1
+    assert h.join(timeout=5.0) is True
+    assert held and not any(held)  # (the join adds the exit queue's wake-up)
+
+
+def test_thread_tasks_close_their_pipes() -> None:
+    import gc
+    import os
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd to count descriptors")
+    gc.collect()
+    before = fds()
+    for _ in range(20):
+        rt = ThreadRuntime()
+        wq = WaitQueue(rt, "wq")
+        flag: list[bool] = []
+        h = rt.spawn(lambda wq=wq, flag=flag: wq.wait_event(lambda: bool(flag), reason="f",
+                                                              timeout=5.0))
+        while not wq.waitqueue_active():
+            time.sleep(0.001)
+        flag.append(True)
+        wq.wake_up_all()
+        h.join(timeout=5.0)
+    del rt, wq, h
+    gc.collect()
+    assert fds() <= before + 4  # not 2 pipes x 2 ends x 20 runtimes

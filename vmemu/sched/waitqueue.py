@@ -257,7 +257,6 @@ class WaitQueue:
             woken: list[WaitQueueEntry] = []
             left = nr_exclusive
             match = self.match
-            wake_up_process = runtime.wake_up_process
             for entry in list(entries):
                 if key is not None and not match(entry.key, key):
                     continue
@@ -265,7 +264,6 @@ class WaitQueue:
                 entry.queued = False
                 entry.woken = True
                 woken.append(entry)
-                wake_up_process(entry.task)
                 if entry.exclusive:
                     self._woken_exclusive += 1
                     left -= 1
@@ -274,6 +272,11 @@ class WaitQueue:
             self._woken += len(woken)
         if not woken:
             return 0
+        # try_to_wake_up once the queue's lock is dropped: a woken thread that runs at
+        # once (it may preempt the waker) must not find the lock still held
+        wake_up_process = runtime.wake_up_process
+        for entry in woken:
+            wake_up_process(entry.task)
         tracer = runtime.tracer
         if tracer.enabled:
             for entry in woken:
