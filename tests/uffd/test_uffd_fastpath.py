@@ -233,3 +233,115 @@ def test_inline_fast_path_keeps_the_statistics_of_the_queued_path() -> None:
     assert seen == 9  # eight pages, one of them twice (woken without being resolved)
     assert stats.woken_total == 9 and stats.resolver_calls == 9 and stats.waiting == 0
     assert counts["wakeup"] == 9 and counts["fault"] == 1 + 9  # the source page, then these
+
+
+# -- the fused userfault entry (MmStruct._userfault_fast) against the general fault path ---
+
+_FUSED_CASES = [
+    # (memory, register mode, access, extra)
+    ("anon", "missing", "read", ""),
+    ("anon", "missing", "write", ""),
+    ("anon", "missing", "read", "sigbus"),
+    ("anon", "missing", "write", "readonly"),  # the VMA refuses: SIGSEGV either way
+    ("anon", "missing", "read", "hugepage"),  # a THP candidate: never the fused path
+    ("anon", "missing", "read", "released"),
+    ("anon", "missing+wp", "write", "wp-marker"),  # a uffd-wp marker: the general path
+    ("anon", "wp", "write", "protected"),
+    ("anon", "wp", "write", "wp-async"),
+    ("anon", "wp", "read", "protected"),  # a read of a protected page does not fault
+    ("shmem", "minor", "read", ""),
+    ("shmem", "minor", "write", ""),
+    ("shmem", "minor", "read", "uncached"),
+    ("shmem", "missing+minor", "read", "uncached"),
+    ("shmem", "missing", "read", "uncached"),  # fault-around territory: the general path
+    ("shmem", "minor", "read", "beyond-eof"),
+]
+
+
+def _fused_world(memory: str, mode: str, access: str, extra: str,
+                 tracing: bool) -> tuple[Any, ...]:
+    """One fault on page 1 of a 4-page registered range, resolved inline; what can be seen."""
+    from vmemu.constants import MADV_HUGEPAGE
+    from vmemu.errors import Signal
+    from vmemu.sched import ThreadRuntime, Tracer
+
+    kernel = vmemu.Kernel(runtime=ThreadRuntime(tracer=Tracer(enabled=tracing)))
+    p = vmemu.Process(kernel)
+    u = p.userfaultfd(uapi.O_NONBLOCK)
+    features = uapi.UFFD_FEATURE_MINOR_SHMEM | uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    if extra == "sigbus":
+        features |= uapi.UFFD_FEATURE_SIGBUS
+    if extra == "wp-async":
+        features |= uapi.UFFD_FEATURE_WP_ASYNC
+    if extra == "wp-marker":
+        features |= uapi.UFFD_FEATURE_WP_UNPOPULATED
+    u.api(features)
+    size = 4 * PAGE_SIZE
+    prot = PROT_READ if extra == "readonly" else RW
+    if memory == "shmem":
+        fd = p.memfd_create("fused")
+        p.ftruncate(fd, 2 * PAGE_SIZE if extra == "beyond-eof" else size)
+        if extra not in ("uncached", "beyond-eof"):
+            p.pwrite(fd, b"\xc3" * size, 0)
+        area = p.mmap(0, size, prot, MAP_SHARED, fd, 0)
+        if extra == "beyond-eof":
+            p.ftruncate(fd, PAGE_SIZE)  # page 1 now lies beyond EOF
+    else:
+        area = p.mmap(0, size, prot, ANON)
+        if extra == "hugepage":
+            p.madvise(area, size, MADV_HUGEPAGE)
+        if "wp" in mode and extra != "wp-marker":
+            p.write(area, b"\x01" * size)  # present pages to protect
+    bits = {"missing": uapi.UFFDIO_REGISTER_MODE_MISSING, "wp": uapi.UFFDIO_REGISTER_MODE_WP,
+            "minor": uapi.UFFDIO_REGISTER_MODE_MINOR}
+    u.register(area, size, sum(bits[m] for m in mode.split("+")))
+    if "wp" in mode:
+        u.writeprotect(area, size, uapi.UFFDIO_WRITEPROTECT_MODE_WP)
+    src = p.mmap(0, PAGE_SIZE, RW, ANON)
+    p.write(src, b"\x42" * PAGE_SIZE)
+    seen: list[tuple[int, int]] = []
+
+    def handler(uffd: Any) -> None:
+        for msg in uffd.read_msgs(4 * 32):
+            seen.append((msg.flags, msg.address))
+            page = msg.address
+            if msg.flags & uapi.UFFD_PAGEFAULT_FLAG_WP:
+                uffd.writeprotect(page, PAGE_SIZE, 0)
+            elif msg.flags & uapi.UFFD_PAGEFAULT_FLAG_MINOR:
+                uffd.continue_(page, PAGE_SIZE)
+            elif memory == "shmem":
+                uffd.copy(page, src, PAGE_SIZE)
+            else:
+                uffd.copy(page, src, PAGE_SIZE)
+
+    u.set_inline_handler(handler)
+    if extra == "released":
+        u.close()
+    if tracing:
+        kernel.runtime.tracer.clear()
+    addr = area + PAGE_SIZE + 0x123
+    try:
+        if access == "write":
+            p.write(addr, b"\x77")
+        got: Any = p.read(addr, 2)
+    except Signal as sig:
+        got = (type(sig).__name__, sig.si_code, sig.si_addr)
+    events = [(e.kind, e.fields) for e in kernel.runtime.tracer.events()] if tracing else []
+    p.check()
+    pagemap = [p.pagemap(a) for a in range(area, area + size, PAGE_SIZE)]
+    return (got, seen, events, p.statistics(), kernel.runtime.charges().counts, pagemap,
+            None if extra == "released" else u.statistics(), u.fault_wq.statistics())
+
+
+@pytest.mark.parametrize("tracing", [False, True], ids=["fast", "traced"])
+@pytest.mark.parametrize(("memory", "mode", "access", "extra"), _FUSED_CASES,
+                         ids=["-".join(filter(None, c)) for c in _FUSED_CASES])
+def test_fused_userfault_entry_matches_the_general_fault_path(
+        memory: str, mode: str, access: str, extra: str, tracing: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmemu.mmu.mm import MmStruct
+
+    fused = _fused_world(memory, mode, access, extra, tracing)
+    monkeypatch.setattr(MmStruct, "_userfault_fast", lambda self, *args: None)
+    general = _fused_world(memory, mode, access, extra, tracing)
+    assert fused == general

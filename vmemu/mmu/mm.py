@@ -23,7 +23,14 @@ import attrs
 from vmemu.constants import PAGE_SHIFT, SEGV_ACCERR, SEGV_MAPERR, TASK_SIZE
 from vmemu.errors import Sigsegv, VmFault, fault_to_signal
 from vmemu.mmu.folio import PG, Folio, PhysMem, folio_maybe_mapped_shared
-from vmemu.mmu.memory import FAULT_FLAG_USER, FAULT_FLAG_WRITE, anon_vma_prepare, handle_mm_fault
+from vmemu.mmu.memory import (
+    _VM_HUGE_CANDIDATE,
+    FAULT_FLAG_USER,
+    FAULT_FLAG_WRITE,
+    VmFaultInfo,
+    anon_vma_prepare,
+    handle_mm_fault,
+)
 from vmemu.mmu.pagetable import PageTables
 from vmemu.mmu.pgtable import (
     _PAGE_ACCESSED,
@@ -33,6 +40,7 @@ from vmemu.mmu.pgtable import (
     _PAGE_PSE,
     _PAGE_RW,
     _PAGE_SPECIAL,
+    _PAGE_UFFD_WP,
     PTE_PFN_MASK,
     UFFD_WP_MARKER,
     is_poisoned_marker,
@@ -42,7 +50,18 @@ from vmemu.mmu.pgtable import (
     swp_entry_clean,
 )
 from vmemu.mmu.tlb import Tlb
-from vmemu.mmu.vma import VM_EXEC, VM_MAYWRITE, VM_READ, VM_UFFD_FLAGS, VM_WRITE, Vma, VmaTree
+from vmemu.mmu.vma import (
+    VM_EXEC,
+    VM_MAYWRITE,
+    VM_READ,
+    VM_UFFD_FLAGS,
+    VM_UFFD_MINOR,
+    VM_UFFD_MISSING,
+    VM_UFFD_WP,
+    VM_WRITE,
+    Vma,
+    VmaTree,
+)
 from vmemu.mmu.vmaops import DEFAULT_MAX_MAP_COUNT
 
 # Flags of a freshly faulted anonymous folio, computed once: IntFlag's ``|``
@@ -51,6 +70,9 @@ _NEW_ANON_FOLIO_FLAGS = PG.anon | PG.anon_exclusive | PG.swapbacked | PG.uptodat
 _VM_FAULT_NONE = VmFault.NONE
 _VM_FAULT_RETRY = VmFault.RETRY
 _VM_FAULT_ERROR = int(VmFault.error_mask())
+_FLAGS_READ = FAULT_FLAG_USER
+_FLAGS_WRITE = FAULT_FLAG_USER | FAULT_FLAG_WRITE
+_PAGE_MASK = ~((1 << PAGE_SHIFT) - 1)
 
 # Where top-down mmap placement starts (mm->mmap_base), without ASLR.
 DEFAULT_MMAP_BASE = 0x7F0000000000
@@ -485,6 +507,7 @@ class MmStruct:
             for _ in range(MAX_FAULT_RETRIES):
                 # the hardware walk down to the PMD (pmd_table(addr, False), inlined:
                 # this runs twice on every fault and once on every TLB miss)
+                table = None
                 e = pgd[(addr >> 39) & 511]
                 if e:
                     e = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(addr >> 30) & 511]
@@ -513,12 +536,75 @@ class MmStruct:
                             self.tlb.fill(addr >> PAGE_SHIFT, buf,
                                           bool(pte & _PAGE_RW and pte & _PAGE_DIRTY))
                             return buf
-                fault = self._do_user_addr_fault(addr, write, task)
+                if table is not None and (pte == 0 or write and pte & _PAGE_UFFD_WP):
+                    fault = self._userfault_fast(addr, write, task, table, idx, pte)
+                    if fault is None:
+                        fault = self._do_user_addr_fault(addr, write, task)
+                else:
+                    fault = self._do_user_addr_fault(addr, write, task)
                 # (IntFlag's & is a Python call: the common results are tested by identity)
                 if fault is not _VM_FAULT_NONE and fault is not _VM_FAULT_RETRY \
                         and int(fault) & _VM_FAULT_ERROR:
                     raise fault_to_signal(fault, addr)
             raise AssertionError(f"fault at {addr:#x} retried {MAX_FAULT_RETRIES} times")
+
+    def _userfault_fast(self, addr: int, write: bool, task: Any, table: list[int], idx: int,
+                        pte: int) -> VmFault | None:
+        """A registered VMA's common userfault, or None for the general path.
+
+        ``do_user_addr_fault`` -> ``handle_mm_fault`` -> ``do_anonymous_page`` /
+        ``do_fault`` / ``do_wp_page`` -> ``handle_userfault`` in one frame, for
+        the faults a handler exists to serve: an empty PTE of a private
+        anonymous VMA registered for MISSING, an empty PTE of a shmem VMA
+        registered for MINOR whose page is cached, and a write to a present
+        uffd-wp PTE of a VMA registered for WP (not WP_ASYNC) - each in a 4 KiB
+        VMA, with the PTE table already there (the walk found it). The checks,
+        the charge, the tracepoint and the counters are those of the general
+        path, in its order; anything else (an access the VMA refuses, a huge
+        page candidate, fault-around, a page to swap in) returns None before
+        any of them, and the general path takes the fault from the top.
+        """
+        vma = self.vmas.vma_lookup(addr)
+        if vma is None:
+            return None
+        ctx = vma.vm_userfaultfd_ctx
+        vm_flags = vma.vm_flags
+        if ctx is None or vm_flags & _VM_HUGE_CANDIDATE or self.phys.thp_enabled == "always":
+            return None
+        if write:
+            if not vm_flags & VM_WRITE:
+                return None
+        elif not vm_flags & (VM_READ | VM_WRITE | VM_EXEC):
+            return None
+        pgoff = vma.vm_pgoff + ((addr - vma.vm_start) >> PAGE_SHIFT)  # linear_page_index
+        if pte:  # do_wp_page: userfaultfd_pte_wp, and no WP_ASYNC to resolve it silently
+            if not (write and pte & _PAGE_PRESENT and not pte & _PAGE_RW and pte & _PAGE_UFFD_WP
+                    and vm_flags & VM_UFFD_WP) or ctx.wp_async:
+                return None
+            reason = VM_UFFD_WP
+        elif vma.vm_file is None:  # do_anonymous_page
+            if not vm_flags & VM_UFFD_MISSING:
+                return None
+            reason = VM_UFFD_MISSING
+        else:  # do_fault on a page in the cache: MINOR (no fault-around under MINOR)
+            inode = vma.vm_file
+            pages = getattr(inode, "pages", None)
+            if not vm_flags & VM_UFFD_MINOR or pages is None or pgoff >= inode.nr_pages_size:
+                return None
+            folio = pages.get(pgoff)  # find_folio, for a page that is not on swap
+            if folio is None:
+                return None
+            reason = VM_UFFD_MINOR
+        rt = self.phys.runtime
+        if rt is not None:  # as _do_user_addr_fault
+            rt.charge("fault")
+            if rt.tracer.enabled:
+                rt.tracer.emit("fault", addr=addr, write=write)
+        self.stats_faults += 1  # as handle_mm_fault
+        vmf = VmFaultInfo(vma, addr & _PAGE_MASK, addr, _FLAGS_WRITE if write else _FLAGS_READ,
+                          pgoff, table, idx, pte, task)
+        fault: VmFault = ctx.handle_userfault(vmf, reason)
+        return fault
 
     def _do_user_addr_fault(self, addr: int, write: bool, task: Any) -> VmFault:
         """Find the VMA, check the access, handle the fault (``do_user_addr_fault``)."""

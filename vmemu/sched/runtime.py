@@ -182,6 +182,7 @@ class Runtime(ABC):
         self._charge_ns: Counter[str] = Counter()
         self._priced: CostModel | None = None
         self._prices: dict[str, int | float] = {}
+        self._unit: dict[str, int] = {}  # the price of one unit, for the common charge(name)
 
     # ---- tasks ---------------------------------------------------------------
 
@@ -341,6 +342,14 @@ class Runtime(ABC):
         `wakeup`, `spin`, `copy_byte`, `page_alloc`, `tlb_flush`,
         `tlb_shootdown_per_cpu`).  Never a scheduling point.
         """
+        if n == 1 and self.cost is self._priced:  # one unit at a cached price: the hot case
+            ns = self._unit.get(cost_name)
+            if ns is not None:
+                self._charge_counts[cost_name] += 1
+                self._charge_ns[cost_name] += ns
+                if self.charges_move_clock:
+                    self._account(ns)
+                return ns
         cost = self.cost
         if cost is not self._priced:
             self._price(cost)
@@ -366,6 +375,7 @@ class Runtime(ABC):
             self._prices = {name: getattr(cost, name) for name in COST_NAMES}
         else:
             self._prices = {}
+        self._unit = {name: round(per) for name, per in self._prices.items()}  # n == 1
 
     def charge_ns(self, ns: int, what: str) -> None:
         """Charge `ns` nanoseconds of CPU work named `what` (backend latency models)."""
