@@ -68,6 +68,12 @@ class Task:
         off = addr & _OFF_MASK
         if 0 <= n <= PAGE_SIZE - off:
             buf = self._r.get(addr >> PAGE_SHIFT)
+            if buf is None and n:  # a TLB miss within one page: _read_slow's first case
+                try:
+                    buf = self.mm.translate(addr, False, self)
+                except Signal as sig:
+                    sig.done = 0
+                    raise
             if buf is not None:
                 return bytes(buf[off:off + n])
         return self._read_slow(addr, n)
@@ -78,6 +84,12 @@ class Task:
         n = len(data)
         if off + n <= PAGE_SIZE:
             buf = self._w.get(addr >> PAGE_SHIFT)
+            if buf is None and n and type(data) is bytes:  # a miss: _write_slow's first case
+                try:
+                    buf = self.mm.translate(addr, True, self)
+                except Signal as sig:
+                    sig.done = 0
+                    raise
             if buf is not None:
                 buf[off:off + n] = data
                 return

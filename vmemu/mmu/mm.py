@@ -534,7 +534,7 @@ class MmStruct:
                             folio = mem_map[pfn]
                             buf = folio.data if folio.order == 0 else folio.page_buffer(pfn)
                             self.tlb.fill(addr >> PAGE_SHIFT, buf,
-                                          bool(pte & _PAGE_RW and pte & _PAGE_DIRTY))
+                                          pte & _PAGE_RW and pte & _PAGE_DIRTY)
                             return buf
                 if table is not None and (pte == 0 or write and pte & _PAGE_UFFD_WP):
                     fault = self._userfault_fast(addr, write, task, table, idx, pte)

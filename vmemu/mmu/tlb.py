@@ -59,8 +59,8 @@ class Tlb:
         self.n_flush_page = 0
         self.evictions = 0
 
-    def fill(self, vpn: int, buf: Any, writable: bool) -> None:
-        """Install a translation after a successful walk."""
+    def fill(self, vpn: int, buf: Any, writable: bool | int) -> None:
+        """Install a translation after a successful walk (``writable``: any true value)."""
         r = self.r
         if vpn not in r and len(r) >= self.capacity:
             old, _ = r.popitem(last=False)  # the oldest

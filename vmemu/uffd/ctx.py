@@ -453,9 +453,17 @@ class Userfaultfd:
             for q in (self.fault_pending, self.fault_read):
                 if not q:
                     continue
+                if len(q) == 1:  # the usual queue: one fault, read or not
+                    uwq = q[0]
+                    if length == 0 or start <= uwq.address < end:  # _range_match
+                        uwq.waken = True
+                        uwq.where = ""
+                        n += 1
+                        q.clear()
+                    continue
                 keep = []
                 for uwq in q:
-                    if length == 0 or start <= uwq.msg.address < end:  # _range_match
+                    if length == 0 or start <= uwq.address < end:  # _range_match
                         uwq.waken = True
                         uwq.where = ""
                         n += 1

@@ -56,6 +56,7 @@ class UserfaultWait:
 
     msg: PagefaultMsg
     task: Any
+    address: int = 0  # msg.address, which wake_range matches against its range
     waken: bool = False
     where: str = "pending"  # "pending" -> "read" -> "" (off both queues)
 
@@ -134,9 +135,9 @@ def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault
     ptid = 0
     if features & UFFD_FEATURE_THREAD_ID and task is not None:
         ptid = int(getattr(task, "tid", 0))
-    uwq = UserfaultWait(PagefaultMsg(flags, address, ptid), task)
+    uwq = UserfaultWait(PagefaultMsg(flags, address, ptid), task, address)
     mm = ctx.mm
-    if ctx.kernel.runtime.tracer.enabled:
+    if ctx.tracer.enabled:
         ctx.trace("userfault", addr=address, flags=flags)
     with ctx.lock:
         ctx.fault_pending.append(uwq)
@@ -145,7 +146,9 @@ def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault
             ctx._is_ready = True
             if ctx._fd_open:
                 ctx._ready.set_ready(True)
-    if not userfaultfd_must_wait(mm, vmf.address, reason):
+    # userfaultfd_must_wait; an empty entry where the fault path just read one (the mm lock
+    # has been held since, so vmf.table is still the live table) needs no walk to say so
+    if vmf.table[vmf.idx] and not userfaultfd_must_wait(mm, vmf.address, reason):
         ctx.dequeue(uwq)
         return VmFault.RETRY
     # the wake half, only when a reader waits (waitqueue_active: a reader that queues

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vmemu.constants import PAGE_SIZE, TASK_SIZE
@@ -59,6 +58,25 @@ def _finish(ctx: Userfaultfd, arg: Any, field: str, start: int, length: int, don
     if not dontwake:
         wake_userfault(ctx, start, done)
     if done != length:
+        _fail(errno.EAGAIN, arg)
+
+
+def _finish_page(ctx: Userfaultfd, arg: Any, field: str, start: int, dontwake: bool, src: int,
+                 mode: MfillMode, wp: bool) -> None:
+    """``_finish`` of ``mfill_atomic_page`` (one 4 KiB page): the same rules, without the
+    closure - ESRCH on a dead mm, ``-errno`` or the bytes done in ``field``, the wake of
+    the done range unless ``dontwake`` (``wake_userfault``, inlined), EAGAIN if short."""
+    if ctx.mm.dead:
+        _fail(errno.ESRCH, arg)
+    try:
+        done = mfill_atomic_page(ctx, start, src, mode, wp)
+    except MfillError as e:
+        setattr(arg, field, -e.errno)
+        _fail(e.errno, arg)
+    setattr(arg, field, done)
+    if not dontwake and (ctx.fault_pending or ctx.fault_read):
+        ctx.wake_range(start, done)
+    if done != PAGE_SIZE:
         _fail(errno.EAGAIN, arg)
 
 
@@ -116,9 +134,12 @@ def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy, _mm: Any = None) -> Non
     if arg.mode & ~(uapi.UFFDIO_COPY_MODE_DONTWAKE | uapi.UFFDIO_COPY_MODE_WP):
         _fail(errno.EINVAL, arg)
     wp = bool(arg.mode & uapi.UFFDIO_COPY_MODE_WP)
+    if length == PAGE_SIZE:
+        _finish_page(ctx, arg, "copy", dst, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
+                     src, _COPY, wp)
+        return
     _finish(ctx, arg, "copy", dst, length, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
-            partial(mfill_atomic_page, ctx, dst, src, _COPY, wp) if length == PAGE_SIZE
-            else _mfill(ctx, dst, src, length, MfillMode.COPY, wp))
+            _mfill(ctx, dst, src, length, MfillMode.COPY, wp))
 
 
 def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage, _mm: Any = None) -> None:
@@ -131,10 +152,13 @@ def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage, _mm: Any = None
     if arg.mode & ~uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE:
         _fail(errno.EINVAL, arg)
     start = r.start
+    if r.len == PAGE_SIZE:
+        _finish_page(ctx, arg, "zeropage", start,
+                     bool(arg.mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE), 0, _ZEROPAGE, False)
+        return
     _finish(ctx, arg, "zeropage", start, r.len,
             bool(arg.mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE),
-            partial(mfill_atomic_page, ctx, start, 0, _ZEROPAGE, False) if r.len == PAGE_SIZE
-            else _mfill(ctx, start, 0, r.len, MfillMode.ZEROPAGE, False))
+            _mfill(ctx, start, 0, r.len, MfillMode.ZEROPAGE, False))
 
 
 def uffdio_continue(ctx: Userfaultfd, arg: uapi.uffdio_continue, _mm: Any = None) -> None:
@@ -148,10 +172,13 @@ def uffdio_continue(ctx: Userfaultfd, arg: uapi.uffdio_continue, _mm: Any = None
         _fail(errno.EINVAL, arg)
     wp = bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_WP)
     start = r.start
+    if r.len == PAGE_SIZE:
+        _finish_page(ctx, arg, "mapped", start,
+                     bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE), 0, _CONTINUE, wp)
+        return
     _finish(ctx, arg, "mapped", start, r.len,
             bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE),
-            partial(mfill_atomic_page, ctx, start, 0, _CONTINUE, wp) if r.len == PAGE_SIZE
-            else _mfill(ctx, start, 0, r.len, MfillMode.CONTINUE, wp))
+            _mfill(ctx, start, 0, r.len, MfillMode.CONTINUE, wp))
 
 
 def uffdio_poison(ctx: Userfaultfd, arg: uapi.uffdio_poison, _mm: Any = None) -> None:

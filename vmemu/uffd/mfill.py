@@ -532,7 +532,18 @@ def _copy_anon_page(mm: Any, vma: Vma, addr: int, wp: bool, data: Any) -> None:
     folio.flags = _NEW_ANON_FOLIO_FLAGS
     folio.mapping = vma.anon_vma or anon_vma_prepare(vma)
     folio.index = vma.vm_pgoff + ((addr - vma.vm_start) >> PAGE_SHIFT)  # linear_page_index
-    table = mm.pgtables.pte_table(addr, True)
+    # pte_table(addr, True), its common case inlined: the tables are there (a fault's walk
+    # found them); a missing level or a huge PMD goes to the general walk
+    pgt, mem_map, table = mm.pgtables, mm.phys.mem_map, None
+    e = pgt.pgd[(addr >> 39) & 511]
+    if e:
+        e = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(addr >> 30) & 511]
+        if e:
+            e = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(addr >> 21) & 511]
+            if e & _PAGE_PRESENT and not e & _PAGE_PSE:
+                table = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]
+    if table is None:
+        table = pgt.pte_table(addr, True)
     idx = (addr >> PAGE_SHIFT) & 511
     if table is None or (table[idx] and not is_pte_marker(table[idx])):  # pte_none_mostly
         _put_unmapped(mm, folio)
