@@ -229,3 +229,36 @@ def test_thread_tasks_close_their_pipes() -> None:
     del rt, wq, h
     gc.collect()
     assert fds() <= before + 4  # not 2 pipes x 2 ends x 20 runtimes
+
+
+@pytest.mark.parametrize("exclusive", [False, True])
+@pytest.mark.parametrize("key", [None, 5, 7])
+def test_wake_up_of_one_waiter_counts_as_the_general_loop(exclusive: bool, key: object) -> None:
+    """One sleeper takes wake_up's unrolled path; two take the loop: the same bookkeeping."""
+    def run(n: int) -> tuple[object, ...]:
+        rt = ThreadRuntime()
+        wq = WaitQueue(rt, "wq")
+        flag: list[bool] = []
+        hs = [rt.spawn(lambda: wq.wait_event(lambda: bool(flag), exclusive=exclusive, key=5,
+                                             reason="f", timeout=5.0)) for _ in range(n)]
+        while len(wq.waiters()) < n:
+            time.sleep(0.001)
+        flag.append(True)
+        before = rt.charges().counts.get("wakeup", 0)
+        woken = wq.wake_up(key, 1)
+        charged = rt.charges().counts.get("wakeup", 0) - before
+        st = wq.statistics()
+        wq.wake_up_all()  # whoever is left
+        for h in hs:
+            h.join(timeout=5.0)
+        return woken, st.woken_total, st.woken_exclusive, st.wake_calls, st.waiting, charged
+
+    one, two = run(1), run(2)
+    matched = key in (None, 5)
+    assert one[0] == int(matched) and one[1] == int(matched)
+    assert one[2] == int(matched and exclusive) and one[3] == 1
+    # two waiters: a non-exclusive wake reaches both, an exclusive one only the first
+    assert two[0] == (0 if not matched else 1 if exclusive else 2)
+    assert two[2] == (1 if matched and exclusive else 0) and two[3] == 1
+    assert one[4] == 1 - one[0] and two[4] == 2 - two[0]
+    assert one[5] == one[0] and two[5] == two[0]  # one `wakeup` charge per task woken

@@ -249,31 +249,50 @@ class WaitQueue:
         Charges `wakeup` per task woken to the caller.  Returns how many were woken.
         """
         runtime = self.runtime
+        woken: list[WaitQueueEntry] = []
         with self._lock:
             self._wake_calls += 1
             entries = self._entries
             if not entries:
                 return 0
-            woken: list[WaitQueueEntry] = []
-            left = nr_exclusive
-            match = self.match
-            for entry in list(entries):
-                if key is not None and not match(entry.key, key):
-                    continue
-                entries.remove(entry)
-                entry.queued = False
-                entry.woken = True
-                woken.append(entry)
-                if entry.exclusive:
+            if len(entries) == 1:  # one sleeper, the usual case: the loop below, unrolled
+                one: WaitQueueEntry | None = entries[0]
+                assert one is not None
+                if key is not None and not self.match(one.key, key):
+                    return 0
+                entries.clear()
+                one.queued = False
+                one.woken = True
+                if one.exclusive:
                     self._woken_exclusive += 1
-                    left -= 1
-                    if left == 0:
-                        break
-            self._woken += len(woken)
-        if not woken:
-            return 0
+                self._woken += 1
+            else:
+                one = None
+                left = nr_exclusive
+                match = self.match
+                for entry in list(entries):
+                    if key is not None and not match(entry.key, key):
+                        continue
+                    entries.remove(entry)
+                    entry.queued = False
+                    entry.woken = True
+                    woken.append(entry)
+                    if entry.exclusive:
+                        self._woken_exclusive += 1
+                        left -= 1
+                        if left == 0:
+                            break
+                self._woken += len(woken)
         # try_to_wake_up once the queue's lock is dropped: a woken thread that runs at
         # once (it may preempt the waker) must not find the lock still held
+        if one is not None:
+            runtime.wake_up_process(one.task)
+            if runtime.tracer.enabled:
+                runtime.tracer.emit("wake", queue=self.name, target=one.task.tid)
+            runtime.charge("wakeup")
+            return 1
+        if not woken:
+            return 0
         wake_up_process = runtime.wake_up_process
         for entry in woken:
             wake_up_process(entry.task)
