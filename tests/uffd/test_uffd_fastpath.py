@@ -345,3 +345,32 @@ def test_fused_userfault_entry_matches_the_general_fault_path(
     monkeypatch.setattr(MmStruct, "_userfault_fast", lambda self, *args: None)
     general = _fused_world(memory, mode, access, extra, tracing)
     assert fused == general
+
+
+@pytest.mark.parametrize(("memory", "mode", "access", "extra"), _FUSED_CASES,
+                         ids=["-".join(filter(None, c)) for c in _FUSED_CASES])
+def test_must_wait_on_the_faulting_entry_matches_the_walk(
+        memory: str, mode: str, access: str, extra: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """handle_userfault tests the entry the fault read (vmf.table) instead of walking again:
+    at every fault, the walk from the top (``userfaultfd_must_wait``) must agree."""
+    from vmemu.mmu.mm import MmStruct
+    from vmemu.uffd import ctx as ctx_module
+    from vmemu.uffd import fault
+
+    checked: list[bool] = []
+    real = fault.handle_userfault
+
+    def checking(ctx: Any, vmf: Any, reason: int) -> Any:
+        pte = vmf.table[vmf.idx]
+        on_entry = not pte or fault.entry_must_wait(pte, reason)
+        checked.append(on_entry == fault.userfaultfd_must_wait(ctx.mm, vmf.address, reason))
+        return real(ctx, vmf, reason)
+
+    monkeypatch.setattr(ctx_module, "handle_userfault", checking)
+    _fused_world(memory, mode, access, extra, False)
+    monkeypatch.setattr(MmStruct, "_userfault_fast", lambda self, *args: None)
+    _fused_world(memory, mode, access, extra, False)  # the general fault path's vmf too
+    assert all(checked)
+    delivered = extra in ("", "hugepage", "wp-marker", "protected", "uncached", "sigbus") and \
+        (mode, access) != ("wp", "read") and (mode, extra) != ("minor", "uncached")
+    assert bool(checked) == delivered  # the hook was called in both runs, or in neither

@@ -95,6 +95,12 @@ def userfaultfd_must_wait(mm: Any, address: int, reason: int) -> bool:
         pte = me
     else:  # the PTE table under this PMD entry (get_pte without walking from the top again)
         pte = mem_map[(me & PTE_PFN_MASK) >> PAGE_SHIFT][(address >> PAGE_SHIFT) & 511]
+    return entry_must_wait(pte, reason)
+
+
+def entry_must_wait(pte: int, reason: int) -> bool:
+    """``userfaultfd_must_wait``'s test of the entry it walked to: none or a uffd-wp marker,
+    or, for a WP fault, a present read-only entry that still has the uffd-wp bit."""
     if pte == 0 or (not pte & (_PAGE_PRESENT | _PAGE_PROTNONE) and is_uffd_wp_marker(pte)):
         return True
     if reason & VM_UFFD_WP and pte & (_PAGE_PRESENT | _PAGE_PROTNONE) and not pte & _PAGE_RW:
@@ -146,9 +152,11 @@ def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault
             ctx._is_ready = True
             if ctx._fd_open:
                 ctx._ready.set_ready(True)
-    # userfaultfd_must_wait; an empty entry where the fault path just read one (the mm lock
-    # has been held since, so vmf.table is still the live table) needs no walk to say so
-    if vmf.table[vmf.idx] and not userfaultfd_must_wait(mm, vmf.address, reason):
+    # userfaultfd_must_wait, asked of the entry the fault path read: the mm lock has been
+    # held since its walk, so vmf.table is still the live table there and walking from the
+    # top again gives the same entry (tests/uffd/test_uffd_fastpath.py checks it does)
+    pte = vmf.table[vmf.idx]
+    if pte and not entry_must_wait(pte, reason):
         ctx.dequeue(uwq)
         return VmFault.RETRY
     # the wake half, only when a reader waits (waitqueue_active: a reader that queues
