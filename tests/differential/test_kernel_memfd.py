@@ -459,6 +459,8 @@ def hugetlb_memfd(s: Side) -> None:
     m = s.do("map", 2 * H, RW, MAP_SHARED, f)
     for off in (0, H - 8 * P, 2 * H - 4 * P):
         s.do("touch", m, off, b"a" * (4 * P if off == 2 * H - 4 * P else 16 * P))
+    pm = s.do("map", 2 * H, RW, MAP_PRIVATE, f)
+    s.do("touch", pm, H + 2 * P, b"cow")  # a private copy of the whole second huge page
     s.do("pread", f, 4, H - 2)
     s.do("pread", f, 4, 2 * H - 2)  # stops at EOF
     s.do("fallocate", f, PUNCH, P, 2 * P)  # zeroes inside the first huge page
@@ -466,9 +468,14 @@ def hugetlb_memfd(s: Side) -> None:
     s.do("fallocate", f, PUNCH, H - P, 2 * P)  # across the boundary: zeroes both sides
     s.do("touch", m, H - P - 1, 2 * P + 2)
     s.do("pread", f, 8, H - 4)
+    s.do("touch", pm, H, 8)  # a partial punch leaves the private copy alone
+    s.do("touch", pm, H + 2 * P, 3)
     s.do("fallocate", f, PUNCH, 0, H)  # the whole first huge page goes
     s.do("touch", m, 0, 4)
     s.do("touch", m, H - 8 * P, 4)
+    s.do("fallocate", f, PUNCH, H - P, H + P)  # the whole second huge page: private copies go
+    s.do("touch", pm, H + 2 * P, 3)
+    s.do("touch", pm, 2 * H - 4 * P, 1)
     s.do("fallocate", f, 0, 2 * H, P)  # grows i_size to an unaligned size
     s.do("size", f)
     s.do("ftruncate", f, H)
@@ -480,6 +487,6 @@ def hugetlb_memfd(s: Side) -> None:
     s.do("unmap", n)
 
 
-@pytest.mark.skipif(_host_free_hugepages() < 4, reason="host 2 MiB hugetlb pool has < 4 free pages")
+@pytest.mark.skipif(_host_free_hugepages() < 6, reason="host 2 MiB hugetlb pool has < 6 free pages")
 def test_hugetlb_memfd_matches_the_kernel() -> None:
-    run(hugetlb_memfd, nr_hugepages=4)
+    run(hugetlb_memfd, nr_hugepages=6)  # the private mapping reserves two pages of its own

@@ -27,12 +27,13 @@ change; MADV_DONTNEED on hugetlb needs an aligned start and rounds its end
 down; a writable hugetlbfs mmap grows ``i_size``; hugetlbfs has no
 ``pwrite`` (EINVAL); mremap of hugetlb rounds lengths up, needs aligned
 addresses, cannot grow and refuses DONTUNMAP (VM_DONTEXPAND); mlock sets
-no VM_LOCKED on hugetlb but populates it even with MLOCK_ONFAULT; a hole
-punch zaps private COW copies too.
+no VM_LOCKED on hugetlb but populates it even with MLOCK_ONFAULT; an
+unaligned ``ftruncate`` of a hugetlb file is EINVAL; a hole punch (fallocate
+or MADV_REMOVE) zeroes the partial huge pages at its ends in place and zaps
+the whole ones from every mapping, private COW copies included; MADV_FREE
+on THP lazily frees (a partly covered PMD is split first).
 
-Excluded (see the comments at each rule): unaligned ``ftruncate`` and hole
-punches of a hugetlb file and MADV_FREE on THP (another engineer's fixes);
-MADV_HWPOISON of huge pages (not modelled); MADV_COLLAPSE's errno where it
+Excluded (see the comments at each rule): MADV_COLLAPSE's errno where it
 depends on page-table state the model does not keep (then only "success
 means PMD leaves" is checked).
 
@@ -143,15 +144,20 @@ class HugeMachine(MemTypesMachine):
                 if i % HP in HOT]
 
     def punch(self, f: FileModel, start: int, end: int) -> None:
-        """A hole punched in a hugetlb file (whole huge pages only, see the exclusions).
+        """A hole punched in a hugetlb file (``hugetlbfs_punch_hole``).
 
-        Unlike shmem, ``hugetlbfs_punch_hole`` zaps every VMA of the file in
-        the hole, so private COW copies go too and refault from the (now
-        empty) page cache (checked on 6.18).
+        The bytes of the hole read zero through the page cache (a partial
+        huge page at either end is zeroed in place,
+        ``hugetlbfs_zero_partial_page``). Unlike shmem, the whole huge pages
+        inside the hole are zapped from every VMA of the file
+        (``hugetlb_vmdelete_list``), so private COW copies of those go too
+        and refault from the (now empty) page cache, while a COW copy of a
+        partly punched huge page keeps its bytes (checked on 6.18).
         """
         f.zero(start, end)
+        hole_start, hole_end = -(-start // HSIZE) * HSIZE, end // HSIZE * HSIZE
         for pg in self.file_mappings(f):
-            if start <= pg.index * PAGE_SIZE < end:
+            if hole_start <= pg.index * PAGE_SIZE < hole_end:
                 pg.data = None
 
     # -- set-up ----------------------------------------------------------------------
@@ -303,19 +309,12 @@ class HugeMachine(MemTypesMachine):
         if advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
             self.madvise_populate(p, addr, npages, advice == MADV_POPULATE_WRITE)
             return
-        if advice == MADV_FREE and any(pages[v].kind == "anon" and not pages[v].huge
-                                       for v in range(s, e) if v in pages):
-            event("excluded: MADV_FREE on THP (mmfix)")
-            return
-        if advice == MADV_REMOVE and any(pages[v].huge and pages[v].kind == "shared"
-                                         for v in (s, e - 1) if v in pages) and (s % HP or e % HP):
-            event("excluded: unaligned hole punch of a hugetlb file (mmfix)")
-            return
         if advice == MADV_COLLAPSE:
             self.collapse(p, addr, s, e)
             return
         want = None
         unmapped = False
+        holes: list[tuple[FileModel, int, int]] = []  # MADV_REMOVE: file byte ranges, in order
         # a flag change splits the VMAs at the ends of the range: inside a hugetlb page
         # that is EINVAL (at the start before anything, at the end when the walk gets there)
         last = self.vma_start(p, e - 1) if split_inside_huge(pages, e) else None
@@ -344,8 +343,10 @@ class HugeMachine(MemTypesMachine):
                         continue  # the end rounds down to the huge page
                 pg.data, pg.lazy, pg.poisoned = None, False, False
             elif advice == MADV_FREE:
-                want = errno.EINVAL
-                break
+                if pg.huge:
+                    want = errno.EINVAL
+                    break
+                self.free_model(p, pg, v)  # THP: madvise_free_huge_pmd, or split and per PTE
             elif advice == MADV_REMOVE:
                 if pg.kind == "anon" and not pg.huge:
                     want = errno.EINVAL
@@ -354,7 +355,11 @@ class HugeMachine(MemTypesMachine):
                     want = errno.EACCES
                     break
                 assert pg.file is not None
-                self.punch(pg.file, pg.index * PAGE_SIZE, (pg.index + 1) * PAGE_SIZE)
+                lo = pg.index * PAGE_SIZE
+                if holes and holes[-1][0] is pg.file and holes[-1][2] == lo:
+                    holes[-1] = (pg.file, holes[-1][1], lo + PAGE_SIZE)
+                else:
+                    holes.append((pg.file, lo, lo + PAGE_SIZE))
             elif advice == MADV_DONTFORK:
                 pg.dontfork = True
             elif advice == MADV_DOFORK:
@@ -368,6 +373,11 @@ class HugeMachine(MemTypesMachine):
                 pg.wipeonfork = False
             elif advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
                 pg.thp = int(advice)
+        # madvise_remove punches one hole per VMA (vfs_fallocate of the VMA's part of the
+        # range); hugetlb VMAs split only at huge page boundaries, so runs of consecutive
+        # file pages punch what the VMAs punch
+        for file, lo, hi in holes:
+            self.punch(file, lo, hi)
         if want is None and unmapped:
             want = errno.ENOMEM
         event(f"madvise {advice!r}: {errno.errorcode.get(want, want) if want else 'ok'}")
@@ -450,13 +460,14 @@ class HugeMachine(MemTypesMachine):
 
     # -- the hugetlb memfd ---------------------------------------------------------------
 
-    @rule(units=st.integers(0, 4), slop=st.sampled_from([0, 0, 0, 1]))
+    @rule(units=st.integers(0, 4), slop=st.sampled_from([0, 0, 0, 1, PAGE_SIZE, HSIZE // 2]))
     def ftruncate(self, units: int, slop: int) -> None:  # type: ignore[override]
+        """hugetlbfs_setattr: a size that is not a multiple of 2 MiB is EINVAL (checked on 6.18)."""
         f = self.files[0]
+        size = units * HSIZE + slop
         if slop:
-            event("excluded: unaligned hugetlb ftruncate (mmfix: truncate_setsize)")
+            self.expect_errno(errno.EINVAL, self.root.ftruncate, f.fd, size)
             return
-        size = units * HSIZE
         self.expect_errno(None, self.root.ftruncate, f.fd, size)
         f.truncate(size)
         for pg in self.file_mappings(f):
@@ -469,10 +480,6 @@ class HugeMachine(MemTypesMachine):
         f = self.files[0]
         offset = units * HSIZE + off_pages * PAGE_SIZE
         nbytes = length * PAGE_SIZE
-        if mode & FALLOC_FL_PUNCH_HOLE and mode & FALLOC_FL_KEEP_SIZE and \
-                (offset % HSIZE or nbytes % HSIZE):
-            event("excluded: unaligned hugetlb hole punch (mmfix: _zero_partial)")
-            return
         want = errno.EOPNOTSUPP if mode == FALLOC_FL_PUNCH_HOLE else None
         self.expect_errno(want, self.root.fallocate, f.fd, mode, offset, nbytes)
         if want is not None:
