@@ -146,3 +146,52 @@ def test_populate_errno_over_a_poisoned_page(p):
         p.mlock(a, 2 * P)
     assert err.value.errno == errno.ENOMEM
     p.check()
+
+
+def test_memfd_io_over_a_poisoned_page(p):
+    """pread/pwrite stop at a poisoned page cache page: EIO, or the bytes before it.
+
+    ``shmem_file_read_iter`` checks PageHWPoison and ``shmem_write_begin``
+    ``folio_contain_hwpoisoned_page``; ``generic_perform_write`` returns the
+    bytes written before the failure, as the read loop does.
+    """
+    fd = p.memfd_create("f")
+    p.ftruncate(fd, 3 * P)
+    a = p.mmap(BASE, 3 * P, RW, MAP_SHARED | MAP_FIXED, fd, 0)
+    p.write(a, b"a" * (3 * P))
+    assert poison(p, a + P) is not None  # dirty
+    assert p.pread(fd, 2 * P, 0) == b"a" * P  # stops before the poisoned page
+    assert p.pread(fd, 8, 2 * P) == b"a" * 8  # the page after is fine
+    for call in (lambda: p.pread(fd, 8, P + 5), lambda: p.pwrite(fd, b"x", P + 5)):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EIO
+    assert p.pwrite(fd, b"y" * (P + 2), P - 2) == 2  # the two bytes before the page
+    assert p.pread(fd, 2, P - 2) == b"yy"
+
+
+def test_a_punched_hole_keeps_hwpoison_entries(p):
+    """A hole punch (``even_cows`` false) leaves hwpoison entries; the file page is a hole again.
+
+    ``zap_nonpresent_ptes`` keeps a hwpoison entry unless
+    ``should_zap_cows``: the mapping that had the page mapped still gets
+    SIGBUS, a new mapping of the same offset reads zeros, ftruncate drops
+    the entry.
+    """
+    from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+
+    fd = p.memfd_create("f")
+    p.ftruncate(fd, 2 * P)
+    a = p.mmap(BASE, 2 * P, RW, MAP_SHARED | MAP_FIXED, fd, 0)
+    p.write(a, b"z")
+    assert poison(p, a) is not None
+    p.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, P)
+    assert p.pread(fd, 1, 0) == b"\0"
+    b = p.mmap(BASE + 4 * P, P, RW, MAP_SHARED | MAP_FIXED, fd, 0)
+    assert p.read(b, 1) == b"\0"
+    with pytest.raises(Sigbus) as s:
+        p.read(a, 1)
+    assert s.value.si_code == BUS_MCEERR_AR
+    p.ftruncate(fd, 0)
+    p.ftruncate(fd, 2 * P)
+    assert p.read(a, 1) == b"\0"

@@ -200,7 +200,11 @@ def _zero_partial(inode: Any, start: int, end: int) -> None:
 
 
 def file_read(inode: Any, n: int, offset: int) -> bytes:
-    """pread(2) through the page cache (``shmem_file_read_iter``); holes read as zeros."""
+    """pread(2) through the page cache (``shmem_file_read_iter``); holes read as zeros.
+
+    A poisoned page (MADV_HWPOISON) ends the read: EIO when it is the
+    first page, else the bytes before it.
+    """
     if n < 0 or offset < 0:
         raise_errno(errno.EINVAL)
     end = min(offset + n, inode.i_size)
@@ -211,6 +215,10 @@ def file_read(inode: Any, n: int, offset: int) -> bytes:
         folio = inode.find_folio(pos >> PAGE_SHIFT)
         if folio is None:
             out += bytes(stop - pos)
+        elif folio.flags & PG.hwpoison:
+            if not out:
+                raise_errno(errno.EIO, "pread of a poisoned page")
+            break
         else:
             off = _folio_offset(folio, pos)
             out += folio.data[off:off + stop - pos]
@@ -237,10 +245,10 @@ def file_write(inode: Any, data: bytes, offset: int) -> int:
     while pos < end:
         stop = min(end, (pos | (PAGE_SIZE - 1)) + 1)
         folio = inode.get_folio(pos >> PAGE_SHIFT)
-        if folio is None:
+        if folio is None or folio.flags & PG.hwpoison:  # shmem_write_begin
             if done:
                 break
-            raise_errno(errno.ENOSPC)
+            raise_errno(errno.ENOSPC if folio is None else errno.EIO)
         off = _folio_offset(folio, pos)
         folio.data[off:off + stop - pos] = data[done:done + stop - pos]
         folio.flags |= PG.dirty
