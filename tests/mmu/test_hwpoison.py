@@ -195,3 +195,25 @@ def test_a_punched_hole_keeps_hwpoison_entries(p):
     p.ftruncate(fd, 0)
     p.ftruncate(fd, 2 * P)
     assert p.read(a, 1) == b"\0"
+
+
+def test_pagemap_of_a_hwpoison_entry(p):
+    """pagemap shows a hwpoison entry as swapped: PM_SWAP, type SWP_HWPOISON, offset the pfn.
+
+    ``pte_to_pagemap_entry`` treats every non-present entry as a swap
+    entry; a pfn swap entry names its page, so a page cache page is PM_FILE.
+    """
+    from vmemu.mmu.pgtable import MAX_SWAPFILES_SHIFT
+
+    a = p.mmap(BASE, P, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    fd = p.memfd_create("f")
+    p.ftruncate(fd, P)
+    b = p.mmap(BASE + 2 * P, P, RW, MAP_SHARED | MAP_FIXED, fd, 0)
+    for addr in (a, b):
+        p.write(addr, b"q")
+        pfn = p.pagemap(addr) & ((1 << 55) - 1)
+        poison(p, addr)
+        entry = p.pagemap(addr)
+        assert entry >> 63 & 1 == 0 and entry >> 62 & 1 == 1
+        assert entry >> 61 & 1 == (addr == b)  # PM_FILE
+        assert entry & ((1 << 55) - 1) == SWP_HWPOISON | pfn << MAX_SWAPFILES_SHIFT

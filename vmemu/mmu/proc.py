@@ -24,7 +24,9 @@ from vmemu.mmu.pgtable import (
     _PAGE_UFFD_WP,
     MAX_SWAPFILES_SHIFT,
     PTE_PFN_MASK,
+    SWP_HWPOISON,
     is_real_swap_pte,
+    is_swap_pte_raw,
     is_uffd_wp_marker,
     pte_swp_uffd_wp,
     swp_offset,
@@ -299,4 +301,11 @@ def pagemap_entry(mm: MmStruct, addr: int) -> int:
         if pte_swp_uffd_wp(e):
             flags |= PM_UFFD_WP
         frame = swp_type(e) | (swp_offset(e) << MAX_SWAPFILES_SHIFT)
+    elif is_swap_pte_raw(e) and swp_type(e) == SWP_HWPOISON:
+        # a pfn swap entry: swapped, type and pfn as the frame, PM_FILE from its page
+        flags |= PM_SWAP
+        frame = SWP_HWPOISON | (swp_offset(e) << MAX_SWAPFILES_SHIFT)
+        folio = mm.phys.mem_map[swp_offset(e)]
+        if isinstance(folio, Folio) and not folio.test(PG.anon):
+            flags |= PM_FILE
     return (frame & PM_PFRAME_MASK) | flags
