@@ -144,6 +144,26 @@ def test_lazyfree_pages_are_discarded_by_pageout(sides, one_cpu):
         assert eb == kb
 
 
+def test_populate_write_keeps_a_lazyfree_page(sides, one_cpu):
+    """MADV_POPULATE_WRITE (and mlock's populate) over a present lazily freed page dirty it.
+
+    GUP's FOLL_TOUCH with FOLL_WRITE marks the folio dirty
+    (``follow_page_pte``), so reclaim keeps it; a read populate does not.
+    """
+    from vmemu import MADV_POPULATE_READ, MADV_POPULATE_WRITE
+
+    k, e = sides
+    both(k, e, "mmap", 0, 4, RW, PA | MAP_FIXED)
+    fill(k, e, 4, 5)
+    both(k, e, "madvise", 0, 4, MADV_FREE)
+    both(k, e, "madvise", 1, 1, MADV_POPULATE_WRITE)
+    both(k, e, "madvise", 2, 1, MADV_POPULATE_READ)
+    both(k, e, "madvise", 0, 4, MADV_PAGEOUT)
+    assert k.read(0, P) == bytes(P) and k.read(P, P) != bytes(P)  # the premise
+    for page in range(4):
+        assert e.read(page * P, P) == k.read(page * P, P), f"page {page}"
+
+
 def test_errnos(sides):
     k, e = sides
     both(k, e, "mmap", 0, 2, RW, PA | MAP_FIXED)

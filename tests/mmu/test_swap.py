@@ -569,6 +569,26 @@ def test_lazyfree_pages_are_discarded_even_without_swap():
         k.check()
 
 
+def test_write_populate_and_mlock_redirty_lazyfree_pages():
+    """GUP's FOLL_TOUCH|FOLL_WRITE marks a present folio dirty: reclaim keeps it (6.18)."""
+    from vmemu import MADV_POPULATE_READ, MADV_POPULATE_WRITE
+
+    k = Kernel()
+    p = k.spawn()
+    a = p.mmap(0, 4 * P)
+    fill(p, a, 4)
+    want = [p.read(a + i * P, P) for i in range(4)]
+    p.madvise(a, 4 * P, MADV_FREE)
+    p.madvise(a + P, P, MADV_POPULATE_WRITE)
+    p.madvise(a + 2 * P, P, MADV_POPULATE_READ)  # a read populate does not
+    p.mlock(a + 3 * P, P)  # populate_vma_page_range: FOLL_TOUCH|FOLL_WRITE on a private VMA
+    p.munlock(a + 3 * P, P)
+    p.madvise(a, 4 * P, MADV_PAGEOUT)
+    got = [p.read(a + i * P, P) for i in range(4)]
+    assert got == [bytes(P), want[1], bytes(P), want[3]]
+    k.check()
+
+
 def test_cold_clears_accessed_bits(k):
     p = k.spawn()
     a = p.mmap(0, 2 * P)

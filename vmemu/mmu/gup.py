@@ -19,6 +19,7 @@ from vmemu.errors import VmFault, raise_errno
 from vmemu.mmu.folio import PG, Folio
 from vmemu.mmu.memory import FAULT_FLAG_WRITE, handle_mm_fault, vm_get_page_prot
 from vmemu.mmu.pgtable import (
+    _PAGE_DIRTY,
     _PAGE_PRESENT,
     _PAGE_PSE,
     _PAGE_RW,
@@ -57,18 +58,37 @@ def _page_ready(mm: MmStruct, addr: int, write: bool) -> bool:
     return bool(pte & _PAGE_PRESENT) and (not write or bool(pte & _PAGE_RW))
 
 
+def _touch_write(mm: MmStruct, addr: int) -> None:
+    """FOLL_TOUCH|FOLL_WRITE on a present page: mark its folio dirty (``follow_page_pte``).
+
+    A lazily freed (MADV_FREE) page becomes dirty, so reclaim keeps it.
+    """
+    pmd = mm.pgtables.pmd_table(addr, False)
+    me = pmd[(addr >> 21) & 511] if pmd is not None else 0
+    entry = me if me & _PAGE_PSE else mm.pgtables.get_pte(addr)
+    if entry & _PAGE_DIRTY or entry & _PAGE_SPECIAL:
+        return
+    folio = mm.phys.mem_map[(entry & PTE_PFN_MASK) >> PAGE_SHIFT]
+    if isinstance(folio, Folio):
+        folio.flags |= PG.dirty
+
+
 def faultin_page(mm: MmStruct, addr: int, write: bool, task: Any = None,
-                 force: bool = False, hwpoison: bool = True) -> None:
+                 force: bool = False, hwpoison: bool = True, touch: bool = True) -> None:
     """Make one page present (and writable) or raise the errno GUP reports.
 
     ``force`` is FOLL_FORCE: a read may then fault in a page of a VMA
     without VM_READ (PROT_WRITE or PROT_EXEC alone) as long as it has
     VM_MAYREAD (``check_vma_flags``). ``hwpoison`` is FOLL_HWPOISON: a
     poisoned page is EHWPOISON with it, EFAULT without
-    (``vm_fault_to_errno``).
+    (``vm_fault_to_errno``). ``touch`` is FOLL_TOUCH (populate,
+    get_user_pages; not pin_user_pages): a write that finds the page
+    present marks its folio dirty.
     """
     for _ in range(MAX_RETRIES):
         if _page_ready(mm, addr, write):
+            if write and touch:
+                _touch_write(mm, addr)
             return
         vma = mm.vmas.vma_lookup(addr)
         if vma is None:
@@ -300,7 +320,7 @@ def pin_user_pages(mm: MmStruct, start: int, length: int, write: bool = False,
                     raise_errno(errno.EFAULT)
                 for _ in range(MAX_RETRIES):
                     try:
-                        faultin_page(mm, addr, write, task)
+                        faultin_page(mm, addr, write, task, touch=False)
                     except OSError as err:
                         raise_errno(errno.EFAULT if err.errno != errno.ENOMEM else errno.ENOMEM)
                     if write or not gup_must_unshare(mm, vma, addr):
