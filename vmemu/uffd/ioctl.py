@@ -199,14 +199,27 @@ def uffdio_move(ctx: Userfaultfd, arg: uapi.uffdio_move, caller_mm: Any) -> None
         _changing(ctx, arg, "move")
     if caller_mm is not ctx.mm:
         _fail(errno.EINVAL, arg)
-    if not (_sane(arg.dst, arg.len) and _sane(arg.src, arg.len)):
-        for start in (arg.dst, arg.src):
-            _validate(arg, start, arg.len)
-    if arg.mode & ~(uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | uapi.UFFDIO_MOVE_MODE_DONTWAKE):
+    dst, src, length, mode = arg.dst, arg.src, arg.len, arg.mode
+    if not (0 < length and not (length | dst | src) & _PAGE_LOW and 0 <= dst < TASK_SIZE
+            and 0 <= src < TASK_SIZE and length <= TASK_SIZE - dst
+            and length <= TASK_SIZE - src):  # not _sane(dst) and _sane(src): in order
+        for start in (dst, src):
+            _validate(arg, start, length)
+    if mode & ~(uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | uapi.UFFDIO_MOVE_MODE_DONTWAKE):
         _fail(errno.EINVAL, arg)
-    _finish(ctx, arg, "move", arg.dst, arg.len,
-            bool(arg.mode & uapi.UFFDIO_MOVE_MODE_DONTWAKE),
-            lambda: move_pages(ctx, arg.dst, arg.src, arg.len, arg.mode))
+    # _finish, written out: move_pages called directly rather than through a closure
+    if ctx.mm.dead:
+        _fail(errno.ESRCH, arg)
+    try:
+        done = move_pages(ctx, dst, src, length, mode)
+    except MfillError as e:
+        arg.move = -e.errno
+        _fail(e.errno, arg)
+    arg.move = done
+    if not mode & uapi.UFFDIO_MOVE_MODE_DONTWAKE and (ctx.fault_pending or ctx.fault_read):
+        ctx.wake_range(dst, done)  # wake_userfault
+    if done != length:
+        _fail(errno.EAGAIN, arg)
 
 
 def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect, _mm: Any = None) -> None:

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from vmemu.uffd.ctx import Userfaultfd
 
 UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = 1 << 1
+_ADD: dict[int, int] = {}  # vm_flags -> the protection bits move_pte gives a moved entry
 
 
 def validate_move_areas(ctx: Userfaultfd, src_vma: Vma, dst_vma: Vma) -> None:
@@ -231,17 +232,24 @@ def _move_run(mm: Any, s: int, d: int, npages: int, add: int, av: Any, index: in
     destination VMA's protection ``add`` plus the old entry's dirty bit.
     """
     pgtables = mm.pgtables
-    src_pmd = pgtables.pmd_table(s, False)
-    if src_pmd is None:
+    mem_map = mm.phys.mem_map
+    # pmd_table(s, False), walked inline (as translate does)
+    e = pgtables.pgd[(s >> 39) & 511]
+    if e:
+        e = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(s >> 30) & 511]
+    if not e:
         return 0
-    se = src_pmd[(s >> 21) & 511]
+    se = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(s >> 21) & 511]
     if not se & _PAGE_PRESENT or se & _PAGE_PSE:
         return 0
-    dst_pmd = pgtables.pmd_table(d, True)
+    # pmd_table(d, True): inline when the upper levels exist, else the allocating walk
+    e = pgtables.pgd[(d >> 39) & 511]
+    if e:
+        e = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(d >> 30) & 511]
+    dst_pmd = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT] if e else pgtables.pmd_table(d, True)
     de = dst_pmd[(d >> 21) & 511]
     if de and (de & _PAGE_PSE or not de & _PAGE_PRESENT):
         return 0
-    mem_map = mm.phys.mem_map
     src_tab = mem_map[(se & PTE_PFN_MASK) >> PAGE_SHIFT]
     dst_tab = mem_map[(de & PTE_PFN_MASK) >> PAGE_SHIFT] if de else pgtables.pte_table(d, True)
     si, di = (s >> PAGE_SHIFT) & 511, (d >> PAGE_SHIFT) & 511
@@ -289,11 +297,13 @@ def move_pages(ctx: Userfaultfd, dst: int, src: int, length: int, mode: int) -> 
                 dst_vma.vm_flags & VM_SHARED or dst + length > dst_vma.vm_end:
             raise MfillError(errno.EINVAL)
         validate_move_areas(ctx, src_vma, dst_vma)
-        av = anon_vma_prepare(dst_vma)
-        add = vm_get_page_prot(dst_vma.vm_flags) | _PAGE_SOFT_DIRTY  # what move_pte gives
-        if dst_vma.vm_flags & VM_WRITE:
-            add |= _PAGE_RW
-        index = dst_vma.linear_page_index(dst)
+        av = dst_vma.anon_vma or anon_vma_prepare(dst_vma)
+        vm_flags = dst_vma.vm_flags
+        add = _ADD.get(vm_flags)
+        if add is None:  # what move_pte gives
+            add = _ADD[vm_flags] = vm_get_page_prot(vm_flags) | _PAGE_SOFT_DIRTY | \
+                (_PAGE_RW if vm_flags & VM_WRITE else 0)
+        index = dst_vma.vm_pgoff + ((dst - dst_vma.vm_start) >> PAGE_SHIFT)  # linear_page_index
         moved = 0
         while moved < length:
             s, d = src + moved, dst + moved
