@@ -30,6 +30,7 @@ swap or TLBs.
 
 from __future__ import annotations
 
+import errno
 import re
 
 import attrs
@@ -62,6 +63,12 @@ class FileModel:
     huge: bool = False
     fd: int | None = None  # the root process's fd; None for MAP_SHARED|MAP_ANONYMOUS objects
     pages: dict[int, bytearray] = attrs.field(factory=dict)
+    # MADV_HWPOISON of a page cache page: the indexes whose cached page is poisoned, and
+    # what the model knows of PG_dirty (memory_failure signals the caller for a dirty page):
+    # written since the page entered the cache, or perhaps (fallocated, partly zeroed)
+    poisoned: set[int] = attrs.field(factory=set)
+    dirty: set[int] = attrs.field(factory=set)
+    maybe_dirty: set[int] = attrs.field(factory=set)
 
     def __repr__(self) -> str:
         return f"FileModel({self.name!r}, size={self.size:#x})"
@@ -85,6 +92,37 @@ class FileModel:
         """Write ``data`` at ``off`` of page ``index``."""
         buf = self.pages.setdefault(index, bytearray(PAGE_SIZE))
         buf[off:off + len(data)] = data
+        self.dirty.add(index)
+
+    def drop(self, index: int) -> None:
+        """The cached page at ``index`` leaves the page cache (truncated or punched)."""
+        self.poisoned.discard(index)
+        self.dirty.discard(index)
+        self.maybe_dirty.discard(index)
+
+    def pread(self, offset: int, n: int) -> bytes | int:
+        """pread: the bytes, up to the first poisoned page (EIO if that is the first)."""
+        end = min(offset + n, self.size)
+        stop = end
+        for index in range(offset >> PAGE_SHIFT, (end + _OFF) >> PAGE_SHIFT):
+            if index in self.poisoned:
+                stop = max(offset, index << PAGE_SHIFT)
+                break
+        if stop == offset and offset < end:
+            return errno.EIO
+        return self.read(offset, stop - offset)
+
+    def pwrite(self, offset: int, data: bytes) -> int:
+        """pwrite: written up to the first poisoned page (EIO if that is the first); bytes done."""
+        n = len(data)
+        for index in range(offset >> PAGE_SHIFT, (offset + n + _OFF) >> PAGE_SHIFT):
+            if index in self.poisoned:
+                n = max(0, (index << PAGE_SHIFT) - offset)
+                break
+        if n == 0:
+            return -errno.EIO
+        self.write(offset, data[:n])
+        return n
 
     def read(self, offset: int, n: int) -> bytes:
         """pread: up to the end of the file."""
@@ -108,13 +146,21 @@ class FileModel:
         self.size = max(self.size, offset + len(data))
 
     def zero(self, start: int, end: int) -> None:
-        """Zero the bytes ``[start, end)`` (a punched hole; holes read as zeros)."""
+        """Zero the bytes ``[start, end)`` (a punched hole; holes read as zeros).
+
+        Whole pages leave the page cache; a page zeroed in part stays, and
+        may be dirty now.
+        """
         pos = start
         while pos < end:
             stop = min(end, (pos | _OFF) + 1)
             buf = self.pages.get(pos >> PAGE_SHIFT)
             if buf is not None:
                 buf[pos & _OFF:(pos & _OFF) + stop - pos] = bytes(stop - pos)
+            if stop - pos == PAGE_SIZE:
+                self.drop(pos >> PAGE_SHIFT)
+            else:
+                self.maybe_dirty.add(pos >> PAGE_SHIFT)
             pos = stop
 
     def truncate(self, size: int) -> None:
@@ -128,6 +174,8 @@ class FileModel:
             first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
             for index in [i for i in self.pages if i >= first]:
                 del self.pages[index]
+            for index in [i for i in self.poisoned | self.dirty | self.maybe_dirty if i >= first]:
+                self.drop(index)
             self.zero(size, first << PAGE_SHIFT)
         self.size = size
 
@@ -150,11 +198,19 @@ class PageModel:
     thp: int = 0  # the last of MADV_HUGEPAGE / MADV_NOHUGEPAGE, if any
 
     def sigbus(self) -> int | None:
-        """The BUS_* code an access gets, or None."""
+        """The BUS_* code an access gets, or None.
+
+        ``poisoned`` is a hwpoison entry in this page table; a page that
+        would fault in a poisoned page cache page (shared, or private and
+        not yet copied) is VM_FAULT_HWPOISON too.
+        """
         if self.poisoned:
             return BUS_MCEERR_AR
         if self.file is not None and self.file.beyond_eof(self.index):
             return BUS_ADRERR
+        if self.file is not None and self.index in self.file.poisoned and \
+                (self.kind == "shared" or self.data is None):
+            return BUS_MCEERR_AR
         return None
 
     def content(self) -> bytes:
@@ -234,6 +290,8 @@ def fork_pages(pages: Pages) -> Pages:
         if pg.dontfork:
             continue
         c = attrs.evolve(pg, locked=False)
+        if pg.kind == "shared":
+            c.poisoned = False  # a shared VMA has no anon_vma: no PTEs are copied
         if pg.wipeonfork:
             c.data, c.lazy, c.poisoned = None, False, False
         child[vpn] = c

@@ -33,7 +33,12 @@ or MADV_REMOVE) zeroes the partial huge pages at its ends in place and zaps
 the whole ones from every mapping, private COW copies included; MADV_FREE
 on THP lazily frees (a partly covered PMD is split first).
 
-Excluded (see the comments at each rule): MADV_COLLAPSE's errno where it
+An empty pool (a rule lowers ``nr_hugepages`` and restores it): an mmap that
+must reserve is ENOMEM, fallocate ENOSPC, a MAP_NORESERVE fault SIGBUS
+BUS_ADRERR. MADV_HWPOISON of a THP page splits it and poisons the 4 KiB page.
+
+Excluded (see the comments at each rule): MADV_HWPOISON of hugetlb pages
+(vmemu does not poison hugetlb folios yet); MADV_COLLAPSE's errno where it
 depends on page-table state the model does not keep (then only "success
 means PMD leaves" is checked).
 
@@ -60,6 +65,7 @@ from test_mm_memtypes_stateful import (
 from test_mm_stateful import PROTS, Addr, pattern, scaled
 
 from vmemu import (
+    BUS_ADRERR,
     MADV_COLD,
     MADV_COLLAPSE,
     MADV_DOFORK,
@@ -78,6 +84,7 @@ from vmemu import (
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
     MAP_HUGETLB,
+    MAP_NORESERVE,
     MAP_POPULATE,
     MAP_PRIVATE,
     MAP_SHARED,
@@ -89,6 +96,8 @@ from vmemu import (
     PROT_WRITE,
     Kernel,
     Process,
+    Sigbus,
+    Signal,
 )
 from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MFD_HUGETLB
 from vmemu.mmu.pgtable import _PAGE_PSE
@@ -450,11 +459,14 @@ class HugeMachine(MemTypesMachine):
             if not pages[v].huge:
                 pages[v].locked = lock
         if lock:
-            if want is None:  # hugetlb gets no VM_LOCKONFAULT, so it is populated anyway
+            populates = want is None  # a hole fails before __mm_populate
+            if populates:  # hugetlb gets no VM_LOCKONFAULT, so it is populated anyway
                 want = self.mlock_populate_model(
                     pages, [v for v in vpns if not onfault or pages[v].huge])
             self.expect_errno(want, p.mlock, addr, npages * PAGE_SIZE,
                               MLOCK_ONFAULT if onfault else 0)
+            if populates and not onfault:
+                self.touch_lazy(p, self.write_populated(pages, vpns))
         else:
             self.expect_errno(want, p.munlock, addr, npages * PAGE_SIZE)
 
@@ -503,8 +515,20 @@ class HugeMachine(MemTypesMachine):
         f = self.files[0]
         self.expect_errno(errno.EINVAL, self.root.pwrite, f.fd, b"x", units * HSIZE)
 
-    def hwpoison(self, p: Process, page: int) -> None:  # type: ignore[override]
-        """Not a rule here: poisoning THP / hugetlb pages is not modelled."""
+    @precondition(lambda self: not self.swap)
+    @rule(p=MemTypesMachine.procs, pos=pos_st)
+    def hwpoison(self, p: Process, pos: int) -> None:  # type: ignore[override]
+        """MADV_HWPOISON of a THP page: the THP is split first (``try_to_split_thp_page``).
+
+        Then only the 4 KiB page is poisoned, as in the small-page machine.
+        Not for hugetlb: vmemu does not poison hugetlb folios yet (EBUSY;
+        Linux poisons the whole huge page, ``try_memory_failure_hugetlb``).
+        """
+        pg = self.model[p].get(hvpn(pos))
+        if pg is not None and pg.huge:
+            event("not modelled: MADV_HWPOISON of a hugetlb page")
+            return
+        self.do_hwpoison(p, haddr(pos))
 
     # -- accesses ---------------------------------------------------------------------
 
@@ -531,6 +555,54 @@ class HugeMachine(MemTypesMachine):
     @rule(nr=st.integers(1, 16))
     def reclaim(self, nr: int) -> None:
         super().reclaim(nr)
+
+    # -- an empty pool -----------------------------------------------------------------
+
+    @rule(p=MemTypesMachine.procs, shared=st.booleans(), write=st.booleans(),
+          sub=st.sampled_from(HOT))
+    def pool_exhausted(self, p: Process, shared: bool, write: bool, sub: int) -> None:
+        """With no unreserved free page left, new reservations and unreserved faults fail.
+
+        ``nr_hugepages`` is lowered to 0, which keeps the pages in use or
+        reserved (``set_max_huge_pages``: they become surplus), so free
+        equals reserved. Then (``mm/hugetlb.c``): an mmap that must reserve
+        is ENOMEM (``hugetlb_reserve_pages`` -> ``hugetlb_acct_memory``),
+        anonymous or of the memfd at an offset nobody reserved; fallocate
+        there is ENOSPC (``alloc_hugetlb_folio``); a MAP_NORESERVE mapping
+        maps, and its first fault, read or write, is SIGBUS BUS_ADRERR
+        (``hugetlb_no_page``). Everything is undone and the pool restored
+        before the rule ends, so faults of the window, whose reservations
+        are intact, are not affected. Semantics from the kernel source and
+        tests/mmu/test_hugetlb.py: emptying the host's pool to check them
+        natively would disturb everyone else using it.
+        """
+        pool = self.kernel.hugetlb
+        before = pool.statistics()
+        self.kernel.set_nr_hugepages(0)
+        empty = pool.statistics()
+        assert empty.free_huge_pages == empty.resv_huge_pages, empty
+        flags = (MAP_SHARED if shared else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_HUGETLB
+        self.expect_errno(errno.ENOMEM, p.mmap, 0, HSIZE, RW, flags, -1, 0)
+        f = self.files[0]
+        far = 8 * HSIZE  # beyond every offset the other rules map or fallocate
+        self.expect_errno(errno.ENOMEM, p.mmap, 0, HSIZE, PROT_READ, MAP_SHARED, f.fd, far)
+        self.expect_errno(errno.ENOSPC, self.root.fallocate, f.fd, FALLOC_FL_KEEP_SIZE, far,
+                          HSIZE)
+        a = self.expect_errno(None, p.mmap, 0, HSIZE, RW, flags | MAP_NORESERVE, -1, 0)
+        assert isinstance(a, int)
+        addr = a + sub * PAGE_SIZE
+        try:
+            if write:
+                p.write(addr, b"w")
+            else:
+                p.read(addr, 1)
+            sig = None
+        except Signal as e:
+            sig = e
+        self.check_signal(sig, (Sigbus, BUS_ADRERR, addr, 0))
+        p.munmap(a, HSIZE)
+        self.kernel.set_nr_hugepages(POOL)
+        assert pool.statistics() == before, f"pool {pool.statistics()} != {before}"
 
 
 HugeMachine.TestCase.settings = scaled(0.08)

@@ -34,11 +34,17 @@ the software TLB holds no translation the model forbids.
 
 Where the model needed a decision it was settled on the real 6.18 kernel
 of this machine (see the comments at each rule); MADV_HWPOISON follows
-``mm/memory-failure.c`` (that kernel is built without it). vmemu bugs it
+``mm/memory-failure.c``, ``mm/shmem.c`` and ``mm/madvise.c`` (that kernel is
+built without CONFIG_MEMORY_FAILURE): any page, anonymous or a shmem page
+cache page, which stays cached and poisoned (faults SIGBUS BUS_MCEERR_AR,
+pread/pwrite EIO) until truncated or punched, while hwpoison entries
+survive a punched hole but not ftruncate, MADV_DONTNEED or MADV_FREE. vmemu bugs it
 found, fixed with regression tests in tests/mmu: mlock / MAP_POPULATE of a
 shared PROT_WRITE- or PROT_EXEC-only mapping was ENOMEM (no FOLL_FORCE);
 mlock over a poisoned page was EHWPOISON instead of ENOMEM; a populate
-that failed did not go on at the next VMA.
+that failed did not go on at the next VMA; pread/pwrite read and wrote a
+poisoned shmem page (EIO on Linux); pagemap showed a hwpoison entry as
+nothing (PM_SWAP on Linux).
 
 Budget: ``scaled(0.3)`` of the profile's examples (about 6-9 s in the
 default profile on the project VM); ``VMEMU_HYPOTHESIS_PROFILE=campaign``
@@ -252,6 +258,25 @@ class MemTypesMachine(RuleBasedStateMachine):
                 if pg.writable() and not pg.vm_shared():
                     cow(pages, vpn)
 
+    def touch_lazy(self, p: Process, vpns: list[int]) -> None:
+        """A write populate (FOLL_TOUCH|FOLL_WRITE) reached these pages: lazy ones are dirty now.
+
+        Reclaim may have discarded a lazily freed page before (the populate
+        then faulted in a zero page); either way it is an ordinary page from
+        now on. Which of the two happened, the page says.
+        """
+        pages = self.model[p]
+        for v in vpns:
+            pg = pages[v]
+            if not pg.lazy:
+                continue
+            buf = follow_page(p.mm, v << PAGE_SHIFT)
+            assert buf is not None, f"{p!r}: {v << PAGE_SHIFT:#x} not present after a populate"
+            now = bytes(buf)
+            assert now in pg.candidates(), f"{p!r}: lazy page {v << PAGE_SHIFT:#x} is neither"
+            pg.data = None if now == ZERO_PAGE else now
+            pg.lazy = False
+
     def checked(self, pages: Pages) -> list[tuple[int, PageModel]]:
         """The pages whose memory the invariants compare (all of them here)."""
         return list(pages.items())
@@ -298,6 +323,12 @@ class MemTypesMachine(RuleBasedStateMachine):
         event("fork")
         child = p.fork(f"p{len(self.model)}")
         self.model[child] = fork_pages(self.model[p])
+        for vpn, pg in self.model[child].items():
+            if pg.poisoned and pg.kind == "private" and pg.data is None:
+                # a hwpoison entry over a page cache page: copy_page_range copies it only
+                # if the VMA has an anon_vma (vma_needs_copy), which the model does not
+                # track; pagemap shows the entry as swapped
+                pg.poisoned = bool(child.pagemap(vpn << PAGE_SHIFT) >> 62 & 1)
         return child
 
     @precondition(lambda self: len(self.model) > 1)
@@ -405,8 +436,8 @@ class MemTypesMachine(RuleBasedStateMachine):
         """
         entry = p.pagemap(vpn << PAGE_SHIFT)
         present, swapped, exclusive = entry >> 63 & 1, entry >> 62 & 1, entry >> 56 & 1
-        if swapped:
-            pg.data, pg.lazy = None, False
+        if swapped:  # a swap entry, or a hwpoison entry: cleared (madvise_free_pte_range)
+            pg.data, pg.lazy, pg.poisoned = None, False, False
         elif present and exclusive and pg.data is not None:
             pg.lazy = True
 
@@ -417,12 +448,6 @@ class MemTypesMachine(RuleBasedStateMachine):
         vpns = range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages)
         if advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
             self.madvise_populate(p, addr, npages, advice == MADV_POPULATE_WRITE)
-            return
-        if advice == MADV_FREE and any(v in pages and pages[v].kind == "anon"
-                                       and pages[v].poisoned for v in vpns):
-            # excluded: MADV_FREE over a hwpoison entry is not decided (no
-            # CONFIG_MEMORY_FAILURE on the reference kernel to ask)
-            event("excluded: MADV_FREE over hwpoison")
             return
         want = None
         unmapped = False
@@ -482,6 +507,7 @@ class MemTypesMachine(RuleBasedStateMachine):
         """
         pages = self.model[p]
         want = None
+        touched = []
         for v in range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages):
             pg = pages.get(v)
             if pg is None:
@@ -490,44 +516,87 @@ class MemTypesMachine(RuleBasedStateMachine):
             if not (pg.prot & (PROT_WRITE if write else PROT_READ)):
                 want = errno.EINVAL
                 break
-            if pg.poisoned:
+            bus = pg.sigbus()
+            if bus == BUS_MCEERR_AR:
                 want = EHWPOISON
                 break
-            if pg.sigbus() is not None:
+            if bus is not None:
                 want = errno.EFAULT
                 break
             if write:
-                cow(pages, v)
+                touched.append(v)
+                if not pg.lazy:
+                    cow(pages, v)
+                if pg.kind == "shared":
+                    assert pg.file is not None
+                    pg.file.dirty.add(pg.index)  # a write fault dirties the PTE
         self.expect_errno(want, p.madvise, addr, npages * PAGE_SIZE,
                           MADV_POPULATE_WRITE if write else MADV_POPULATE_READ)
+        self.touch_lazy(p, touched)
 
     @precondition(lambda self: not self.swap)
     @rule(p=procs, page=access_pages_st)
     def hwpoison(self, p: Process, page: int) -> None:
-        """MADV_HWPOISON of one written private page (``madvise_inject_error``).
+        self.do_hwpoison(p, window_addr(page))
 
-        The frame is unmapped from every process that shares it (after fork,
-        until one of them writes): the model finds those as the pages whose
-        bytes are the same object. The caller gets SIGBUS BUS_MCEERR_AR at
-        the page (it was dirty); any later access is SIGBUS too.
+    def do_hwpoison(self, p: Process, addr: int) -> None:
+        """MADV_HWPOISON of one page (``madvise_inject_error``, ``memory_failure``).
+
+        A read GUP takes the page; its frame is unmapped from every page
+        table mapping it, each PTE becoming a hwpoison entry. A private
+        frame (anonymous, or a COW copy) may be shared since fork: the
+        model finds those as the pages whose bytes are the same object. A
+        page cache frame (shmem, or a private mapping not yet copied) stays
+        in the page cache, poisoned (``shmem_error_remove_folio``): every
+        later fault on that file offset is VM_FAULT_HWPOISON, pread is EIO;
+        which other page tables had it mapped (and get an entry that
+        outlives a punched hole) is read from their pagemap first. The
+        caller gets SIGBUS BUS_MCEERR_AR at the page if the frame was dirty
+        (``kill_procs`` with ``forcekill``); any later access is SIGBUS too.
+        Only without swap: reclaim in the middle would move frames the
+        model cannot follow.
         """
-        addr = window_addr(page)
-        pg = self.model[p].get(addr >> PAGE_SHIFT)
-        if pg is None or pg.kind == "shared" or pg.data is None or not pg.prot & PROT_READ \
-                or pg.lazy or pg.poisoned:
-            return  # only a written private page has a frame of its own to poison
-        frame = pg.data
-        for pages in self.model.values():
-            for other in pages.values():
-                if other.data is frame and other.kind != "shared":
-                    other.poisoned = True
-        event("hwpoison")
+        vpn = addr >> PAGE_SHIFT
+        pg = self.model[p].get(vpn)
+        if pg is None or not pg.prot & PROT_READ or pg.lazy or pg.sigbus() is not None:
+            return  # no GUP (EFAULT), or a page the model cannot follow
+        kills = {addr}
+        if pg.kind == "anon" or pg.kind == "private" and pg.data is not None:
+            if pg.data is None:
+                return  # the shared zero page: EBUSY (tests/mmu/test_hwpoison.py)
+            frame = pg.data
+            for pages in self.model.values():
+                for other in pages.values():
+                    if other.data is frame and other.kind != "shared":
+                        other.poisoned = True
+            dirty: bool | None = True
+        else:
+            f, index = pg.file, pg.index
+            assert f is not None
+            for q, pages in self.model.items():
+                for v, other in pages.items():
+                    if other.file is not f or other.index != index or \
+                            other.kind == "private" and other.data is not None:
+                        continue
+                    if q is p and v == vpn or q.pagemap(v << PAGE_SHIFT) >> 63 & 1:
+                        other.poisoned = True
+                        if q is p:
+                            kills.add(v << PAGE_SHIFT)  # the caller maps the frame here too
+            f.poisoned.add(index)
+            dirty = True if index in f.dirty else (None if index in f.maybe_dirty else False)
+        event(f"hwpoison {pg.kind} dirty={dirty}")
         try:
             p.madvise(addr, PAGE_SIZE, MADV_HWPOISON)
             sig = None
         except Signal as e:
             sig = e
-        self.check_signal(sig, (Sigbus, BUS_MCEERR_AR, addr, 0))
+        if dirty is None and sig is None:
+            return
+        if dirty is False:
+            self.check_signal(sig, None)
+            return
+        assert isinstance(sig, Sigbus) and sig.si_code == BUS_MCEERR_AR and sig.si_addr in kills, \
+            f"MADV_HWPOISON: {sig!r}, model expects SIGBUS BUS_MCEERR_AR at one of {kills}"
 
     # -- mremap --------------------------------------------------------------------
 
@@ -594,9 +663,9 @@ class MemTypesMachine(RuleBasedStateMachine):
         moved = {v: pages[v] for v in range(old, old + min(old_n, new_n)) if v in pages}
         for v in range(old, old + old_n):
             if flags & MREMAP_DONTUNMAP and v in moved:
-                src = attrs.evolve(moved[v])
+                src = attrs.evolve(moved[v], poisoned=False)  # the entries moved away
                 if src.kind != "shared":
-                    src.data, src.lazy, src.poisoned = None, False, False
+                    src.data, src.lazy = None, False
                 pages[v] = src
             else:
                 pages.pop(v, None)
@@ -723,6 +792,18 @@ class MemTypesMachine(RuleBasedStateMachine):
     # -- mlock ---------------------------------------------------------------------
 
     @staticmethod
+    def write_populated(pages: Pages, vpns: range | list[int]) -> list[int]:
+        """The pages an mm_populate with FOLL_WRITE reached: private writable, before a failure."""
+        out = []
+        for v in vpns:
+            pg = pages.get(v)
+            if pg is None or not pg.readable() or pg.sigbus() is not None:
+                break
+            if pg.writable() and not pg.vm_shared():
+                out.append(v)
+        return out
+
+    @staticmethod
     def mlock_populate_model(pages: Pages, vpns: range | list[int]) -> int | None:
         """mlock's ``__mm_populate(ignore_errors=0)``: stop at the first failure, ENOMEM.
 
@@ -735,7 +816,7 @@ class MemTypesMachine(RuleBasedStateMachine):
             pg = pages[v]
             if not pg.readable() or pg.sigbus() is not None:
                 return errno.ENOMEM
-            if pg.writable() and not pg.vm_shared():
+            if pg.writable() and not pg.vm_shared() and not pg.lazy:
                 cow(pages, v)
         return None
 
@@ -753,10 +834,13 @@ class MemTypesMachine(RuleBasedStateMachine):
                 break
             pages[v].locked = lock
         if lock:
-            if want is None and not onfault:
+            populates = want is None and not onfault  # a hole fails before __mm_populate
+            if populates:
                 want = self.mlock_populate_model(pages, vpns)
             self.expect_errno(want, p.mlock, addr, npages * PAGE_SIZE,
                               MLOCK_ONFAULT if onfault else 0)
+            if populates:
+                self.touch_lazy(p, self.write_populated(pages, vpns))
         else:
             self.expect_errno(want, p.munlock, addr, npages * PAGE_SIZE)
 
@@ -788,23 +872,33 @@ class MemTypesMachine(RuleBasedStateMachine):
             return
         if mode & FALLOC_FL_PUNCH_HOLE:
             f.zero(offset, offset + length)
-        elif not mode & FALLOC_FL_KEEP_SIZE:
+            return
+        # shmem_fallocate allocates (and may dirty) the pages of the range
+        f.maybe_dirty.update(range(offset >> PAGE_SHIFT, (offset + length + _OFF) >> PAGE_SHIFT))
+        if not mode & FALLOC_FL_KEEP_SIZE:
             f.size = max(f.size, offset + length)
+
+    def check_pread(self, f: FileModel, offset: int, n: int) -> None:
+        """pread against the model: the bytes, or EIO at a poisoned page."""
+        want = f.pread(offset, n)
+        got = self.expect_errno(want if isinstance(want, int) else None, self.root.pread,
+                                f.fd, n, offset)
+        if not isinstance(want, int):
+            assert got == want, f"pread({f}, {n}, {offset:#x}) differs from the model"
 
     @rule(file_no=st.integers(0, 1), offset=file_offsets_st, n=st.integers(0, 3 * PAGE_SIZE))
     def pread(self, file_no: int, offset: int, n: int) -> None:
-        f = self.files[file_no]
-        got = self.expect_errno(None, self.root.pread, f.fd, n, offset)
-        assert got == f.read(offset, n), f"pread({f}, {n}, {offset:#x}) differs from the model"
+        self.check_pread(self.files[file_no], offset, n)
 
     @rule(file_no=st.integers(0, 1), offset=file_offsets_st, n=st.integers(1, 2 * PAGE_SIZE),
           fill=st.integers(0, 254))
     def pwrite(self, file_no: int, offset: int, n: int, fill: int) -> None:
         f = self.files[file_no]
         data = pattern(fill, n)
-        got = self.expect_errno(None, self.root.pwrite, f.fd, data, offset)
-        assert got == n
-        f.write(offset, data)
+        done = f.pwrite(offset, data)
+        got = self.expect_errno(-done if done < 0 else None, self.root.pwrite, f.fd, data, offset)
+        if done >= 0:
+            assert got == done, f"pwrite wrote {got}, model {done}"
 
     @precondition(lambda self: self.swap)
     @rule(nr=st.integers(1, 16))
@@ -894,7 +988,7 @@ class MemTypesMachine(RuleBasedStateMachine):
                 if buf is None:
                     continue
                 assert pg.sigbus() is None, f"{p!r}: {vpn << PAGE_SHIFT:#x} is mapped, model: SIGBUS"
-                assert bytes(buf) == pg.content(), \
+                assert bytes(buf) in pg.candidates(), \
                     f"{p!r}: memory at {vpn << PAGE_SHIFT:#x} differs from the model ({pg})"
 
     @invariant()
@@ -904,8 +998,18 @@ class MemTypesMachine(RuleBasedStateMachine):
         for f in self.files:
             assert self.root.fstat_size(f.fd) == f.size, f"{f}: size {self.root.fstat_size(f.fd)}"
             for start, n in self.file_ranges(f):
-                assert self.root.pread(f.fd, n, start) == f.read(start, n), \
-                    f"{f}: contents at {start:#x} differ"
+                pos = start
+                while pos < start + n:  # pread stops at each poisoned page: read around them
+                    want = f.pread(pos, start + n - pos)
+                    if isinstance(want, int):
+                        self.check_pread(f, pos, start + n - pos)
+                        pos = (pos | _OFF) + 1
+                        continue
+                    got = self.root.pread(f.fd, start + n - pos, pos)
+                    assert got == want, f"{f}: contents at {pos:#x} differ"
+                    pos += len(want)
+                    if pos >= f.size:
+                        break
 
     def file_ranges(self, f: FileModel) -> list[tuple[int, int]]:
         """The byte ranges of ``f`` the invariant compares: all of it here."""
