@@ -36,6 +36,11 @@ from vmemu.mmu.pagetable import WalkLevel
 if TYPE_CHECKING:
     from vmemu.uffd.ctx import Userfaultfd
 
+# fcntl(2) commands and the fd flag (include/uapi/asm-generic/fcntl.h)
+F_GETFD = 1
+F_SETFD = 2
+FD_CLOEXEC = 1
+
 _OFF_MASK = PAGE_SIZE - 1
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -244,6 +249,7 @@ class Process:
         self.tasks: dict[str, Task] = {"main": self.main}
         self.exited = False
         self.fds: dict[int, Any] = {}  # OpenFile or Userfaultfd
+        self.fd_cloexec: set[int] = set()  # fds with FD_CLOEXEC (a flag of the fd, not the file)
         # CAP_SYS_ADMIN (capable(CAP_SYS_ADMIN)): the emulated caller is root by default;
         # False makes privileged calls such as madvise(MADV_HWPOISON) fail with EPERM.
         self.capable_sys_admin = True
@@ -391,13 +397,17 @@ class Process:
     def memfd_create(self, name: str, flags: int = 0) -> int:
         """memfd_create(2): a new anonymous shmem (or hugetlb) file; returns its fd."""
         setup = getattr(self.kernel, "hugetlb_file_setup", None)
-        return self._install_fd(memfd.memfd_create(self.kernel.phys, name, flags, setup))
+        fd = self._install_fd(memfd.memfd_create(self.kernel.phys, name, flags, setup))
+        if flags & memfd.MFD_CLOEXEC:
+            self.fd_cloexec.add(fd)
+        return fd
 
     def close(self, fd: int) -> None:
         """close(2)."""
         f = self.fds.pop(fd, None) if isinstance(fd, int) else None
         if f is None:
             raise_errno(errno.EBADF, f"fd {fd!r} is not open")
+        self.fd_cloexec.discard(fd)
         f.release()
 
     def dup(self, fd: int) -> int:
@@ -427,7 +437,20 @@ class Process:
         return int(self._file(fd).inode.i_size)
 
     def fcntl(self, fd: int, cmd: int, arg: int = 0) -> int:
-        """fcntl(2) for the sealing commands F_ADD_SEALS and F_GET_SEALS."""
+        """fcntl(2): F_GETFD / F_SETFD (FD_CLOEXEC) and the sealing commands F_ADD_SEALS, F_GET_SEALS.
+
+        A new fd from dup(2) has no FD_CLOEXEC; fork keeps each fd's flag.
+        """
+        if cmd in (F_GETFD, F_SETFD):
+            if not isinstance(fd, int) or fd not in self.fds:
+                raise_errno(errno.EBADF, f"fd {fd!r} is not open")
+            if cmd == F_GETFD:
+                return FD_CLOEXEC if fd in self.fd_cloexec else 0
+            if arg & FD_CLOEXEC:
+                self.fd_cloexec.add(fd)
+            else:
+                self.fd_cloexec.discard(fd)
+            return 0
         inode = self._file(fd).inode
         if cmd == memfd.F_GET_SEALS:
             return int(inode.seals)
@@ -486,6 +509,7 @@ class Process:
         for fd, f in self.fds.items():
             f.refs += 1
             child.fds[fd] = f
+        child.fd_cloexec = set(self.fd_cloexec)
         self.mm.dup_userfaultfd_complete(child.mm)
         return child
 

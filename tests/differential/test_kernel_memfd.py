@@ -51,6 +51,7 @@ from vmemu.mmu.memfd import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     MFD_ALLOW_SEALING,
+    MFD_CLOEXEC,
     MFD_EXEC,
     MFD_HUGETLB,
     MFD_NOEXEC_SEAL,
@@ -107,6 +108,12 @@ class Side:
 
     def add_seals(self, fd: int, seals: int) -> int:
         return self._fcntl(fd, F_ADD_SEALS, seals)
+
+    def getfd(self, fd: int) -> int:
+        return self._fcntl(fd, fcntl.F_GETFD, 0)
+
+    def setfd(self, fd: int, flags: int) -> int:
+        return self._fcntl(fd, fcntl.F_SETFD, flags)
 
 
 class Host(Side):
@@ -271,6 +278,13 @@ def flags_and_seal_defaults(s: Side) -> None:
     for flags in (MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL, MFD_EXEC | MFD_ALLOW_SEALING, MFD_EXEC):
         j = s.do("memfd", "f", flags)
         s.do("get_seals", j)
+    c = s.do("memfd", "cloexec", MFD_CLOEXEC | MFD_ALLOW_SEALING)
+    s.do("getfd", c)  # FD_CLOEXEC
+    s.do("getfd", i)
+    s.do("setfd", i, fcntl.FD_CLOEXEC)
+    s.do("getfd", i)
+    s.do("setfd", c, 0)
+    s.do("getfd", c)
     s.do("memfd", "h", MFD_HUGETLB)
     s.do("memfd", "h2m", MFD_HUGETLB | 21 << 26)
     s.do("memfd", "h4m", MFD_HUGETLB | 22 << 26)  # no such hstate: ENODEV

@@ -248,3 +248,22 @@ def test_no_fault_around_for_writes_or_uffd_minor(p) -> None:
     uffd.register(b, 16 * P, UFFDIO_REGISTER_MODE_MINOR)
     uffd.continue_(b + 4 * P, P)  # maps one page, faults nothing around
     assert _present(p, b, 16) == "....1..........."
+
+
+def test_mfd_cloexec_is_a_flag_of_the_fd(p) -> None:
+    """MFD_CLOEXEC sets FD_CLOEXEC (F_GETFD); dup'd fds have it clear; fork keeps each fd's flag."""
+    from vmemu.mmu.memfd import MFD_CLOEXEC
+    from vmemu.process import F_GETFD, F_SETFD, FD_CLOEXEC
+
+    c = p.memfd_create("c", MFD_CLOEXEC)
+    n = p.memfd_create("n", 0)
+    assert p.fcntl(c, F_GETFD) == FD_CLOEXEC and p.fcntl(n, F_GETFD) == 0
+    d = p.dup(c)
+    assert p.fcntl(d, F_GETFD) == 0
+    p.fcntl(n, F_SETFD, FD_CLOEXEC)
+    child = p.fork()
+    assert [child.fcntl(fd, F_GETFD) for fd in (c, n, d)] == [FD_CLOEXEC, FD_CLOEXEC, 0]
+    child.exit()
+    p.close(c)
+    assert _errno(p.fcntl, c, F_GETFD) == errno.EBADF
+    assert p.memfd_create("again", 0) == c and p.fcntl(c, F_GETFD) == 0
