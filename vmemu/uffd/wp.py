@@ -85,6 +85,7 @@ def hugetlb_uffd_wp_range(mm: Any, vma: Vma, start: int, end: int, enable: bool)
 _ANON_EXCLUSIVE_SHIFT = PG.anon_exclusive.bit_length() - 1
 _PRESENT_OR_PROTNONE = _PAGE_PRESENT | _PAGE_PROTNONE
 _flags = attrgetter("flags")
+_PROT: dict[int, int] = {}  # vm_flags -> vm_get_page_prot(vm_flags)
 
 
 def _wp_entries(table: list[int], lo: int, hi: int, enable: bool, markers: bool, prot: int,
@@ -160,19 +161,22 @@ def _wp_one_table(mm: Any, vma: Vma, start: int, end: int, enable: bool,
     """
     pgtables = mm.pgtables
     markers = enable and use_markers
-    pmd = pgtables.pmd_table(start, markers)
+    mem_map = mm.phys.mem_map
+    e = pgtables.pgd[(start >> 39) & 511]  # pmd_table(start, markers), inline when it exists
+    if e:
+        e = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT][(start >> 30) & 511]
+    pmd = mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT] if e else pgtables.pmd_table(start, markers)
     if pmd is None:
         mm.tlb.flush_range(start, end)
         return True
     me = pmd[(start >> 21) & 511]
     if me and (me & _PAGE_PSE or not me & _PAGE_PRESENT):
         return False
-    mem_map = mm.phys.mem_map
     lo = (start >> PAGE_SHIFT) & 511
     hi = ((end - 1) >> PAGE_SHIFT & 511) + 1
     if me:
         table = mem_map[(me & PTE_PFN_MASK) >> PAGE_SHIFT]
-        for i in (lo, hi - 1):  # what split_huge_range looks at
+        for i in (lo, hi - 1) if hi - lo > 1 else (lo,):  # what split_huge_range looks at
             pte = table[i]
             if pte & _PRESENT_OR_PROTNONE and not pte & _PAGE_SPECIAL:
                 folio = mem_map[(pte & PTE_PFN_MASK) >> PAGE_SHIFT]
@@ -183,9 +187,12 @@ def _wp_one_table(mm: Any, vma: Vma, start: int, end: int, enable: bool,
     else:
         mm.tlb.flush_range(start, end)
         return True
-    try_writable = bool(vma.vm_flags & VM_WRITE) and not vma.vm_flags & VM_SHARED
-    _wp_entries(table, lo, hi, enable, markers, vm_get_page_prot(vma.vm_flags), try_writable,
-                mem_map)
+    vm_flags = vma.vm_flags
+    prot = _PROT.get(vm_flags)
+    if prot is None:
+        prot = _PROT[vm_flags] = vm_get_page_prot(vm_flags)
+    _wp_entries(table, lo, hi, enable, markers, prot,
+                bool(vm_flags & VM_WRITE) and not vm_flags & VM_SHARED, mem_map)
     if hi - lo == 1:
         mm.tlb.flush_page(start)
     else:
@@ -268,6 +275,10 @@ def mwriteprotect_range(ctx: Userfaultfd, start: int, length: int, enable: bool)
         if ctx.mmap_changing:
             raise_errno(errno.EAGAIN)
         vma = mm.vmas.vma_lookup(start)  # the common case: one VMA covers the range
+        if vma is not None and end <= vma.vm_end and vma.vm_flags & VM_UFFD_WP and \
+                not vma.vm_flags & VM_HUGETLB:  # the loop below for that one VMA
+            uffd_wp_range(mm, vma, start, end, enable, use_markers(ctx, vma))
+            return
         vmas = [vma] if vma is not None and end <= vma.vm_end else mm.vmas.overlapping(start, end)
         if not vmas:
             raise_errno(errno.ENOENT)
