@@ -12,6 +12,14 @@ the window (maps). Both uffds have UFFD_FEATURE_SIGBUS, so no access ever
 blocks and no handler thread is needed; a fork's child reads every page in
 turn and stops at its first signal (``vmemu.native.access.fork_child``).
 
+The second uffd also has UFFD_FEATURE_EVENT_REMAP | EVENT_REMOVE | EVENT_UNMAP:
+munmap, mmap(MAP_FIXED), mremap and madvise run on a thread of their own
+while the test is the monitor: for each message it first probes
+``mmap_changing`` (a ZEROPAGE that must fail EAGAIN with -EAGAIN in the
+field), then reads the message (kind and payload, relative to the window)
+and goes on until the thread has returned, so the events raised, their
+order, their payloads and the syscall's result are all compared.
+
 The layout is the stateful machine's, inside a window of a PROT_NONE
 reservation (see tests/differential/_kernel.py for why)::
 
@@ -25,7 +33,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+import select
 import struct
+import threading
 from typing import Any
 
 import pytest
@@ -58,6 +68,9 @@ HINT = 0x100000000000  # 16 TiB, far below mmap_base
 WINDOW = 64
 FEATURES = (uapi.UFFD_FEATURE_SIGBUS | uapi.UFFD_FEATURE_WP_UNPOPULATED | uapi.UFFD_FEATURE_POISON
             | uapi.UFFD_FEATURE_MOVE | uapi.UFFD_FEATURE_MINOR_SHMEM)
+EVENTS = (uapi.UFFD_FEATURE_EVENT_REMAP | uapi.UFFD_FEATURE_EVENT_REMOVE
+          | uapi.UFFD_FEATURE_EVENT_UNMAP)  # the second uffd's
+JOIN_S = 5.0
 PM_UFFD_WP, PM_PRESENT = 1 << 57, 1 << 63
 # six sequences by default; a campaign (VMEMU_HYPOTHESIS_PROFILE=campaign) replays 200
 SEEDS = list(range(1, 201 if os.environ.get("VMEMU_HYPOTHESIS_PROFILE") == "campaign" else 7))
@@ -89,9 +102,9 @@ class Side:
         self.S2 = p.mmap(base + 48 * PAGE_SIZE, W * PAGE_SIZE, RW, MAP_SHARED | MAP_FIXED,
                          self.fd, 0)
         self.uffds = []
-        for _ in range(2):
+        for k in range(2):
             u = p.userfaultfd(uapi.O_NONBLOCK | uapi.O_CLOEXEC)
-            u.api(FEATURES)
+            u.api(FEATURES | (EVENTS if k else 0))
             self.uffds.append(u)
 
     def _process(self) -> Any:
@@ -212,12 +225,51 @@ def _call(fn: Any) -> Any:
         return (errno.errorcode.get(e.errno or 0, e.errno), fields)
 
 
+def _event(side: Side, msg: Any) -> tuple[Any, ...]:
+    """A non-cooperative message, addresses in bytes from the window base."""
+    b = side.base
+    if isinstance(msg, uapi.RemapMsg):
+        return ("REMAP", msg.from_ - b, msg.to - b, msg.len)
+    if isinstance(msg, uapi.RemoveMsg):
+        return ("REMOVE", msg.start - b, msg.end - b)
+    if isinstance(msg, uapi.UnmapMsg):
+        return ("UNMAP", msg.start - b, msg.end - b)
+    return (type(msg).__name__,)
+
+
+def monitored(side: Side, fn: Any) -> Any:
+    """Run an mm syscall on a thread while the test monitors the events uffd.
+
+    Each message is preceded by an ``mmap_changing`` probe; the thread cannot
+    return before the last event it raised is read, so once it is seen dead
+    with nothing queued every event has been collected.
+    """
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(_call(fn)), name="mm-op", daemon=True)
+    t.start()
+    u = side.uffds[1]
+    events: list[Any] = []
+    while True:
+        alive = t.is_alive()
+        if u.poll(select.POLLIN, 20) & select.POLLIN:
+            probe = _call(lambda: u.zeropage(side.A, PAGE_SIZE))
+            msgs = u.read_msgs(uapi.UFFD_MSG_SIZE)
+            events.append((probe, [_event(side, m) for m in msgs]))
+            continue
+        if not alive:
+            break
+        assert len(events) < 16, f"the syscall does not return: {events}"
+    t.join(JOIN_S)
+    assert box, "the syscall did not return"
+    return box[0], events
+
+
 def gen_ops(seed: int) -> list[tuple[Any, ...]]:
     """A deterministic random sequence of the machine's operations."""
     r = random.Random(seed)
     ops: list[tuple[Any, ...]] = []
     for _ in range(STEPS):
-        which, i, n, u = r.choice("AS"), r.randrange(W), r.choice((1, 2)), r.randrange(2)
+        which, i, n, u = r.choice("AS"), r.randrange(W), r.choice((1, 2)), r.choice((0, 1, 1))
         n = min(n, W - i)
         kind = r.choice(["register", "register", "unregister", "copy", "copy", "zeropage",
                          "continue", "poison", "writeprotect", "writeprotect", "move", "fill",
@@ -294,17 +346,19 @@ def apply(side: Side, op: tuple[Any, ...], v: int) -> Any:
         return side.poke(addr, v) if write else side.peek(addr)
     if kind == "madvise":
         which, i, n, advice = args
-        return _call(lambda: p.madvise(side.area(which) + i * PAGE_SIZE, n * PAGE_SIZE, advice))
+        return monitored(side, lambda: p.madvise(side.area(which) + i * PAGE_SIZE,
+                                                 n * PAGE_SIZE, advice))
     if kind == "munmap":
-        return _call(lambda: p.munmap(side.A + args[0] * PAGE_SIZE, PAGE_SIZE))
+        return monitored(side, lambda: p.munmap(side.A + args[0] * PAGE_SIZE, PAGE_SIZE))
     if kind == "mmap":
-        return _call(lambda: p.mmap(side.A + args[0] * PAGE_SIZE, PAGE_SIZE, RW,
-                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED) - side.base)
+        return monitored(side, lambda: p.mmap(side.A + args[0] * PAGE_SIZE, PAGE_SIZE, RW,
+                                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+                         - side.base)
     if kind == "mremap":
         i, j = args
-        return _call(lambda: p.mremap(side.A + i * PAGE_SIZE, PAGE_SIZE, PAGE_SIZE,
-                                      MREMAP_MAYMOVE | MREMAP_FIXED, side.A + j * PAGE_SIZE)
-                     - side.base)
+        return monitored(side, lambda: p.mremap(side.A + i * PAGE_SIZE, PAGE_SIZE, PAGE_SIZE,
+                                                MREMAP_MAYMOVE | MREMAP_FIXED,
+                                                side.A + j * PAGE_SIZE) - side.base)
     assert kind == "fork"
     return side.fork_reads([base + i * PAGE_SIZE for base in (side.A, side.S) for i in range(W)])
 

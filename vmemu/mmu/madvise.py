@@ -200,12 +200,22 @@ def _reclaim_pt(mm: MmStruct, start: int, end: int) -> None:
 
 
 def _free(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None:
-    """Mark private anonymous pages lazily freeable (``madvise_free_single_vma``)."""
+    """Mark private anonymous pages lazily freeable (``madvise_free_single_vma``).
+
+    ``madvise_dontneed_free`` raises UFFD_EVENT_REMOVE before it looks at the
+    kind of memory: a registered shmem range gets the event, then EINVAL
+    (hugetlb is refused before, by ``madvise_dontneed_free_valid_vma``).
+    """
     _check_dontneed_free(vma, advice)
-    if vma.vm_file is not None or vma.vm_flags & VM_SHARED:
+    if vma.vm_flags & VM_HUGETLB:
         raise_errno(errno.EINVAL)
     if mm.userfaultfd_remove(vma, start, end):
         vma, end = _relookup(mm, start, end)
+        _check_dontneed_free(vma, advice)
+        if vma.vm_flags & VM_HUGETLB:
+            raise_errno(errno.EINVAL)
+    if vma.vm_file is not None or vma.vm_flags & VM_SHARED:
+        raise_errno(errno.EINVAL)
     mm.lazyfree_range(vma, start, end)
 
 

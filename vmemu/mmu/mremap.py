@@ -107,8 +107,11 @@ class RemapRequest:
     new_addr: int
     vma: Vma | None = None
     populate_expand: bool = False
-    # userfaultfd bookkeeping: (token, from, to, len) of REMAP events to send
+    # userfaultfd bookkeeping: (token, from, to, len) of REMAP events to send, and the UNMAP
+    # events of MREMAP_FIXED's unmap of the destination (``uf_unmap_early``): ``notify_uffd``
+    # delivers those first, then REMAP, then the other UNMAPs (``mm.uf_unmap``)
     remaps: list[tuple[Any, int, int, int]] = attrs.field(factory=list)
+    unmap_early: list[Any] = attrs.field(factory=list)
 
     @property
     def implies_new_addr(self) -> bool:
@@ -375,7 +378,10 @@ def _shrink(mm: MmStruct, req: RemapRequest) -> None:
 def mremap_to(mm: MmStruct, req: RemapRequest) -> int:
     """Move to the given ``new_addr`` (``mremap_to``)."""
     if req.flags & MREMAP_FIXED:
+        before = len(mm.uf_unmap)
         do_munmap(mm, req.new_addr, req.new_len)
+        req.unmap_early.extend(mm.uf_unmap[before:])
+        del mm.uf_unmap[before:]
         req.vma = mm.vmas.vma_lookup(req.addr)
         if req.vma is None:
             raise_errno(errno.EFAULT)
@@ -439,7 +445,7 @@ def remap_move(mm: MmStruct, req: RemapRequest) -> int:
         offset = vma.vm_start - last_end if seen else 0
         last_end = vma.vm_end
         sub = RemapRequest(addr, length, length, req.flags, target + offset, vma,
-                           remaps=req.remaps)
+                           remaps=req.remaps, unmap_early=req.unmap_early)
         if vma.vm_flags & VM_UFFD_FLAGS:  # vma_multi_allowed
             if seen or vma.vm_end < end:
                 raise_errno(errno.EFAULT, "a userfaultfd-registered VMA moves only alone")
@@ -472,6 +478,10 @@ def do_mremap(mm: MmStruct, addr: int, old_len: int, new_len: int, flags: int,
                 res = mremap_to(mm, req) if req.implies_new_addr else mremap_at(mm, req)
         failed = False
     finally:
+        # notify_uffd: the destination's UNMAPs, then REMAP (or its failure); the caller
+        # (MmStruct.mremap) then delivers the rest of mm.uf_unmap
+        for ctx, start, end in req.unmap_early:
+            ctx.event_unmap(start, end)
         for token, frm, to, length in req.remaps:
             if failed:
                 mm.mremap_uffd_fail(token)
