@@ -231,6 +231,15 @@ class NativeUserfaultfd:
                 continue
             return ready[0][1] if ready else 0
 
+    def fdinfo(self) -> str:
+        """The userfaultfd lines of ``/proc/self/fdinfo/<fd>`` (``userfaultfd_show_fdinfo``):
+        ``pending``, ``total`` and ``API``, the text vmemu's ``fdinfo()`` gives (the generic
+        pos/flags/mnt_id/ino lines left out)."""
+        with open(f"/proc/self/fdinfo/{self.fileno()}") as f:
+            lines = [ln for ln in f.read().splitlines()
+                     if ln.split(":")[0] in ("pending", "total", "API")]
+        return "".join(ln + "\n" for ln in lines)
+
     def drain(self) -> tuple[list[UffdMsg], int]:
         """Read messages until read(2) fails; returns ``(messages, errno)``.
 
