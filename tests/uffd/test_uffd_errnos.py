@@ -68,6 +68,18 @@ def test_dev_userfaultfd_unknown_ioctl() -> None:
     assert errno_of(dev.new, 0x4) == errno.EINVAL
 
 
+def test_dev_userfaultfd_needs_no_cap_sys_ptrace() -> None:
+    """``/dev/userfaultfd`` is guarded by the node's permissions only: USERFAULTFD_IOC_NEW
+    skips ``userfaultfd_syscall_allowed``, so kernel faults are handled without
+    CAP_SYS_PTRACE or the sysctl; EVENT_FORK still needs the capability (EPERM)."""
+    p = vmemu.Process()
+    p.capable_sys_ptrace = False
+    assert not p.kernel.sysctl.get("vm.unprivileged_userfaultfd")
+    u = p.open_dev_userfaultfd().new(uapi.O_NONBLOCK)
+    assert errno_of(u.api, uapi.UFFD_FEATURE_EVENT_FORK) == errno.EPERM
+    u.api(0)
+
+
 # -- UFFDIO_API ---------------------------------------------------------------------------
 
 

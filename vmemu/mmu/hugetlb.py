@@ -1014,23 +1014,33 @@ def mfill_atomic_hugetlb(ctx: Any, vma: Vma, dst: int, src: int, length: int, mo
         raise MfillError(errno.EINVAL)
     mm = ctx.mm
     done = 0
+
+    def locked_vma() -> Vma:
+        vma2 = mm.vmas.vma_lookup(dst)
+        if vma2 is None or not vma2.vm_flags & VM_HUGETLB or \
+                dst + length > vma2.vm_end or vma2.vm_userfaultfd_ctx is None:
+            raise MfillError(errno.ENOENT)
+        if wp and not vma2.vm_flags & VM_UFFD_WP:
+            raise MfillError(errno.EINVAL)
+        return vma2
+
     while done < length:
         addr = dst + done
         try:
             data = None
             if mode is MfillMode.COPY:
+                # the PTE (EEXIST) and page cache (EEXIST) checks come before the source is
+                # read: the kernel copies under the locks with page faults disabled, and only
+                # when that fails drops them, copies with faults (EFAULT) and tries again
+                with mm.lock:
+                    _mfill_one(mm, locked_vma(), h, addr, mode, wp, None, MfillError,
+                               MfillMode, POISON_MARKER, check_only=True)
                 try:
                     data = access_user(mm, src + done, h.size, False)
                 except OSError as e:
                     raise MfillError(e.errno or errno.EFAULT) from None
             with mm.lock:
-                vma2 = mm.vmas.vma_lookup(dst)
-                if vma2 is None or not vma2.vm_flags & VM_HUGETLB or \
-                        dst + length > vma2.vm_end or vma2.vm_userfaultfd_ctx is None:
-                    raise MfillError(errno.ENOENT)
-                if wp and not vma2.vm_flags & VM_UFFD_WP:
-                    raise MfillError(errno.EINVAL)
-                _mfill_one(mm, vma2, h, addr, mode, wp, data, MfillError, MfillMode,
+                _mfill_one(mm, locked_vma(), h, addr, mode, wp, data, MfillError, MfillMode,
                            POISON_MARKER)
         except MfillError:
             if done:
@@ -1041,7 +1051,8 @@ def mfill_atomic_hugetlb(ctx: Any, vma: Vma, dst: int, src: int, length: int, mo
 
 
 def _mfill_one(mm: MmStruct, vma: Vma, h: HState, haddr: int, mode: Any, wp: bool,
-               data: bytes | None, err: Any, modes: Any, poison: int) -> None:
+               data: bytes | None, err: Any, modes: Any, poison: int,
+               check_only: bool = False) -> None:
     inode: HugetlbInode = vma.vm_file
     hidx = (vma.vm_pgoff >> h.order) + ((haddr - vma.vm_start) >> (PAGE_SHIFT + h.order))
     _pmd, e = _entry_at(mm, haddr)
@@ -1067,6 +1078,8 @@ def _mfill_one(mm: MmStruct, vma: Vma, h: HState, haddr: int, mode: Any, wp: boo
     elif shared:
         if hidx in inode.huge:
             raise err(errno.EEXIST)
+        if check_only:
+            return
         folio = inode.get_huge_folio(hidx)
         if folio is None:
             raise err(errno.ENOMEM)
@@ -1075,6 +1088,8 @@ def _mfill_one(mm: MmStruct, vma: Vma, h: HState, haddr: int, mode: Any, wp: boo
         folio.set(PG.dirty)
         writable = not wp
     else:
+        if check_only:
+            return
         folio = _alloc_for(vma, h, hidx, True)
         if folio is None:
             raise err(errno.ENOMEM)

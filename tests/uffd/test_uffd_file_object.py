@@ -1,4 +1,4 @@
-"""Scenarios of the issue's checklist that had no test against the kernel, run on both.
+"""File-object behaviours of the checklist that had no test: fdinfo, USER_MODE_ONLY, POLLHUP.
 
 Each scenario takes a process (``vmemu.Process`` or ``vmemu.native.NativeProcess``)
 and returns plain values; the vmemu test asserts them, the differential test
@@ -12,6 +12,10 @@ asserts the same values on Linux through ``vmemu.native``.
   kernel writing into it for ``read(2)`` or reading it for ``process_vm_readv(2)``,
   fails EFAULT at once and queues no message (``handle_userfault`` refuses a
   fault without FAULT_FLAG_USER).
+* Release wakes pollers with POLLHUP (``wake_up_poll(&ctx->fd_wqh, EPOLLHUP)``). On
+  Linux a poller holds a reference to the file, so release waits for it; vmemu's
+  ``fileno()`` is a readiness fd of its own, and a handler blocked in poll/select
+  on it must not sleep on after the uffd is gone: it sees POLLHUP (vmemu only).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import errno
 import os
 import select
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -167,3 +172,26 @@ def test_on_the_kernel(name: str) -> None:
         pytest.skip(f"userfaultfd not permitted here: {e}")
     fn, want = SCENARIOS[name]
     assert fn(p) == want()
+
+
+def test_release_wakes_a_poller_with_pollhup() -> None:
+    p = vmemu.Process()
+    u = p.userfaultfd(uapi.O_NONBLOCK)
+    u.api(0)
+    fd = u.fileno()
+    got: list[Any] = []
+    polling = threading.Event()
+
+    def poller() -> None:
+        po = select.poll()
+        po.register(fd, select.POLLIN)
+        polling.set()
+        got.append(po.poll(5000))
+
+    t = threading.Thread(target=poller, daemon=True)
+    t.start()
+    polling.wait(5)
+    assert u.poll() == 0  # nothing queued: the poller sleeps
+    u.close()
+    t.join(5)
+    assert got and got[0] and got[0][0][1] & select.POLLHUP
