@@ -40,21 +40,45 @@ class ThreadTask(TaskHandle):
     the sleeper runs, finds the GIL taken and sleeps again. A ping-pong of
     two threads on one CPU makes 2 context switches per round trip this way
     against 5, and costs half the CPU time (6-8 against 13-16 us here).
+    The pipes come from a pool and go back to it when the thread ends.
     """
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.guard = threading.Lock()
         self.permit = False
-        self.rfd, self.wfd = os.pipe()
-        self._closer = weakref.finalize(self, _close_pipe, self.rfd, self.wfd)
+        self.rfd, self.wfd = _take_pipe()
+        #: gives the pipe back to the pool: when the thread ends, or when the task is collected
+        self.release_pipe = weakref.finalize(self, _give_pipe, self.rfd, self.wfd)
         self.thread: threading.Thread | None = None
 
 
-def _close_pipe(rfd: int, wfd: int) -> None:
-    """Close a task's parking pipe once nothing can reach the task (no waker is left)."""
-    os.close(rfd)
-    os.close(wfd)
+# Parking pipes of tasks that ended, for new tasks to reuse: the runtime keeps every task
+# it ever spawned, so a pipe per task for its whole life would run a long-lived runtime out
+# of file descriptors. A pipe is never closed while a task may still name it - a waker
+# that still holds a finished task's descriptor (it took the task off a queue just before
+# the task timed out and ended) can at worst leave a byte in a pooled pipe, which makes
+# its next owner's sleep return once early: every sleep is a `wait_event` loop, which
+# checks its condition again and goes back to sleep.
+_PIPE_POOL: list[tuple[int, int]] = []
+_PIPE_POOL_LOCK = threading.Lock()
+
+
+def _take_pipe() -> tuple[int, int]:
+    with _PIPE_POOL_LOCK:
+        if _PIPE_POOL:
+            return _PIPE_POOL.pop()
+    return os.pipe()
+
+
+def _give_pipe(rfd: int, wfd: int) -> None:
+    """Drain a task's pipe and put it in the pool (when its thread ends or it is collected)."""
+    poller = select.poll()
+    poller.register(rfd, select.POLLIN)
+    while poller.poll(0):  # a wake-up nobody slept for: never blocks
+        os.read(rfd, 64)
+    with _PIPE_POOL_LOCK:
+        _PIPE_POOL.append((rfd, wfd))
 
 
 class ThreadRuntime(Runtime):
@@ -91,7 +115,12 @@ class ThreadRuntime(Runtime):
 
     def _bootstrap(self, task: ThreadTask) -> None:
         self._local.task = task
-        self._run_body(task)
+        try:
+            self._run_body(task)
+        finally:
+            with task.guard:  # a later wake-up of this task writes nothing
+                task.wfd = -1
+            task.release_pipe()
 
     def current(self) -> TaskHandle:
         task: TaskHandle | None = getattr(self._local, "task", None)
@@ -162,10 +191,11 @@ class ThreadRuntime(Runtime):
         with t.guard:
             was_asleep = not task.woken
             task.woken = True
-            if t.permit:  # a wake-up is already pending: the permit is binary
-                return was_asleep
+            if t.permit or t.wfd < 0:  # a wake-up is pending (the permit is binary), or
+                return was_asleep  # the task has ended
             t.permit = True
-        os.write(t.wfd, b"\0")  # lets go of the GIL first, then wakes the sleeper
+            wfd = t.wfd
+        os.write(wfd, b"\0")  # lets go of the GIL first, then wakes the sleeper
         return was_asleep
 
     def make_lock(self) -> Any:
