@@ -105,3 +105,83 @@ def test_live_folios_lists_each_large_folio_once():
     phys = PhysMem()
     a, b = phys.alloc_folio(0), phys.alloc_folio(2)
     assert phys.live_folios() == [a, b]
+
+
+# -- freed frames' buffers are reused (folio._FRAME_CACHE) -----------------------------
+
+def test_a_freed_frames_buffer_is_reused_zeroed() -> None:
+    from vmemu.mmu import folio as folio_module
+
+    folio_module._FRAME_CACHE.clear()
+    phys = PhysMem()
+    a = phys.alloc_folio(0)
+    assert a is not None
+    a.data[:] = b"\x5a" * PAGE_SIZE
+    buf_id = id(a.data)
+    a.refcount = 0
+    phys.free_folio(a)
+    del a  # nothing holds the old folio, nor its buffer, any more
+    b = phys.alloc_folio(0)
+    assert b is not None and id(b.data) == buf_id
+    assert b.data == bytes(PAGE_SIZE)  # zero-filled, as a fresh frame
+    b.data[:] = b"\x33" * PAGE_SIZE
+    b.refcount = 0
+    phys.free_folio(b)
+    del b
+    c = phys.alloc_folio(0, zero=False)  # the caller fills it (a COPY)
+    assert c is not None and id(c.data) == buf_id and len(c.data) == PAGE_SIZE
+
+
+def test_a_buffer_still_referenced_is_not_reused() -> None:
+    from vmemu.mmu import folio as folio_module
+
+    folio_module._FRAME_CACHE.clear()
+    phys = PhysMem()
+    a = phys.alloc_folio(0)
+    assert a is not None
+    a.data[:] = b"\x5a" * PAGE_SIZE
+    kept = a.data  # a stale reference (a TLB entry, a view, a caller's variable)
+    view = memoryview(a.data)
+    a.refcount = 0
+    phys.free_folio(a)
+    del a
+    b = phys.alloc_folio(0)
+    assert b is not None and b.data is not kept
+    assert kept == b"\x5a" * PAGE_SIZE and view[0] == 0x5A  # never changes under its holder
+    assert b.data == bytes(PAGE_SIZE)
+    view.release()
+
+
+def test_copy_round_trips_reuse_frames_with_identical_results() -> None:
+    """The same COPY workload with the cache full and empty: same contents, pagemap, check."""
+    import vmemu
+    from vmemu.constants import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
+    from vmemu.mmu import folio as folio_module
+    from vmemu.uffd import uapi
+
+    def run() -> tuple[object, ...]:
+        p = vmemu.Process()
+        u = p.userfaultfd(uapi.O_NONBLOCK)
+        u.api()
+        n = 16
+        area = p.mmap(0, n * PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+        src = p.mmap(0, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+        u.register(area, n * PAGE_SIZE, uapi.UFFDIO_REGISTER_MODE_MISSING)
+        out = []
+        for i in range(n):
+            p.write(src, bytes([i + 1]) * PAGE_SIZE)
+            u.copy(area + i * PAGE_SIZE, src, PAGE_SIZE)
+            p.write(area + i * PAGE_SIZE + 8, b"w")  # an anonymous write in between
+        data = p.read(area, n * PAGE_SIZE)
+        out.append(data)
+        out.append([p.pagemap(a) & ~((1 << 55) - 1) for a in range(area, area + n * PAGE_SIZE,
+                                                                  PAGE_SIZE)])
+        p.check()
+        p.munmap(area, n * PAGE_SIZE)  # frees the frames into the cache
+        p.check()
+        return tuple(map(repr, out))
+
+    folio_module._FRAME_CACHE.clear()
+    first = run()
+    assert folio_module._FRAME_CACHE  # the unmapped frames wait for reuse
+    assert run() == first  # reusing them changes nothing

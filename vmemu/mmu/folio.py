@@ -24,6 +24,7 @@ and mapped by special PMD leaves on read faults in THP-eligible ranges.
 from __future__ import annotations
 
 import enum
+import sys
 from collections import Counter
 from typing import Any
 
@@ -53,6 +54,20 @@ class PG(enum.IntFlag):
     zero = 1 << 12
     large = 1 << 13
     hugetlb = 1 << 14
+
+
+#: The 4 KiB buffers of freed order-0 frames, for ``alloc_folio`` to reuse, as the buddy
+#: allocator's free lists hand back pages that are already there. A fresh ``bytearray`` is
+#: heap memory the host kernel backs page by page on first touch - about 2.5 us for each
+#: 4 KiB on this project's VM, a large part of a COPY or of an anonymous write fault, and
+#: glibc gives freed heap memory back to the host often enough that it is paid again and
+#: again - where a reused buffer costs a 4 KiB memset or copy. Shared by every machine in
+#: the interpreter, capped at ``_FRAME_CACHE_MAX`` buffers; a buffer is reused only once
+#: nothing else references it (a TLB entry not flushed yet, a memoryview, a freed folio
+#: someone kept), so nobody can see old contents change.
+_FRAME_CACHE: list[bytearray] = []
+_FRAME_CACHE_MAX = 8192  # 32 MiB
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 @attrs.define(eq=False, slots=True, repr=False)
@@ -207,7 +222,11 @@ class PhysMem:
         return start
 
     def alloc_folio(self, order: int = 0, zero: bool = True) -> Folio | None:
-        """Allocate a folio of ``2**order`` frames with refcount 1, or None at the limit."""
+        """Allocate a folio of ``2**order`` frames with refcount 1, or None at the limit.
+
+        Zero-filled; ``zero=False`` is for a caller that overwrites all of it at once (a
+        COPY): a reused order-0 buffer then keeps its old bytes until the caller does.
+        """
         n = 1 << order
         if self.limit_pages is not None and self.pages_in_use + n > self.limit_pages:
             if self.reclaim_hook is not None:
@@ -223,7 +242,21 @@ class PhysMem:
         else:  # _take_pfns(0) without its free list: one frame at the end
             pfn = len(self.mem_map)
             self.mem_map.append(None)
-        folio = Folio(pfn, order, bytearray(n * PAGE_SIZE), 0, 1)
+        data = None
+        while not order and _FRAME_CACHE:
+            try:
+                data = _FRAME_CACHE.pop()
+            except IndexError:  # another thread took the last one
+                data = None
+                break
+            if sys.getrefcount(data) == 2:  # this frame's variable and the call's argument
+                if zero:
+                    data[:] = _ZERO_PAGE
+                break
+            data = None  # still referenced elsewhere: leave it to its holder
+        if data is None:
+            data = bytearray(n * PAGE_SIZE)
+        folio = Folio(pfn, order, data, 0, 1)
         if order:
             folio.flags = PG.large
             self.mem_map[pfn:pfn + n] = [folio] * n
@@ -281,6 +314,9 @@ class PhysMem:
             raise AssertionError(f"freeing a referenced folio: {folio!r}")
         self.mem_map[folio.pfn:folio.pfn + n] = [None] * n
         self._free.setdefault(folio.order, []).append(folio.pfn)
+        if not folio.order and len(_FRAME_CACHE) < _FRAME_CACHE_MAX and \
+                type(folio.data) is bytearray:
+            _FRAME_CACHE.append(folio.data)  # reused once nothing else holds it
         self.pages_in_use -= n
         self.nr_folios -= 1
         if folio.flags & PG.hugetlb:

@@ -118,7 +118,7 @@ def install_pte(mm: Any, vma: Vma, addr: int, folio: Any, in_cache: bool, wp: bo
 
 
 def _new_anon_folio(mm: Any, vma: Vma, addr: int, data: Any) -> Any:
-    folio = mm.phys.alloc_folio(0)
+    folio = mm.phys.alloc_folio(0, data is None)  # zero-filled unless the copy fills it
     if folio is None:
         raise MfillError(errno.ENOMEM)
     if data is not None:
@@ -525,7 +525,7 @@ def _copy_anon_page(mm: Any, vma: Vma, addr: int, wp: bool, data: Any) -> None:
     ``mfill_atomic_install_pte``), in their order: the folio is allocated and
     filled first, then an occupied PTE gives it back and fails with EEXIST.
     """
-    folio = mm.phys.alloc_folio(0)
+    folio = mm.phys.alloc_folio(0, False)  # the copy fills it
     if folio is None:
         raise MfillError(errno.ENOMEM)
     folio.data[:] = data
