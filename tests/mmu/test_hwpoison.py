@@ -217,3 +217,84 @@ def test_pagemap_of_a_hwpoison_entry(p):
         assert entry >> 63 & 1 == 0 and entry >> 62 & 1 == 1
         assert entry >> 61 & 1 == (addr == b)  # PM_FILE
         assert entry & ((1 << 55) - 1) == SWP_HWPOISON | pfn << MAX_SWAPFILES_SHIFT
+
+
+# -- hugetlb and THP: memory_failure on a large folio ---------------------------------------
+
+H = 2 << 20
+
+
+@pytest.fixture
+def hp():
+    from vmemu import Kernel
+
+    k = Kernel()
+    k.set_nr_hugepages(8)
+    proc = k.spawn()
+    yield proc
+    proc.check()
+    proc.exit()
+
+
+def test_hugetlb_anon_page_is_poisoned_whole_and_dissolved(hp):
+    """The whole huge page goes (``try_memory_failure_hugetlb``): every mapping of it
+    becomes a hwpoison entry; a private huge page is dissolved, leaving the pool."""
+    from vmemu import MAP_HUGETLB
+
+    a = hp.mmap(0, 2 * H, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB)
+    hp.write(a + 5 * P, b"d")
+    hp.write(a + H, b"e")
+    child = hp.fork()
+    before = hp.kernel.hugetlb.statistics()
+    s = poison(hp, a + 5 * P)
+    assert s is not None and s.si_addr == a + 5 * P  # dirty: the caller is signalled there
+    for proc, addr in ((hp, a), (hp, a + H - 1), (child, a + 7 * P)):
+        with pytest.raises(Sigbus) as e:
+            proc.read(addr, 1)
+        assert e.value.si_code == BUS_MCEERR_AR and e.value.si_addr == addr
+    assert hp.read(a + H, 1) == b"e" and child.read(a + H, 1) == b"e"
+    after = hp.kernel.hugetlb.statistics()
+    assert after.nr_hugepages == before.nr_hugepages - 1  # dissolved
+    assert after.free_huge_pages == before.free_huge_pages
+    hp.madvise(a, H, MADV_DONTNEED)  # the entry goes; a new page refaults
+    assert hp.read(a + 5 * P, 1) == b"\0"
+    child.exit()
+
+
+def test_hugetlb_file_page_stays_poisoned_in_the_page_cache(hp):
+    """A hugetlbfs page stays cached, poisoned: any fault of it is SIGBUS; pread stops only at
+    the raw poisoned 4 KiB page (``adjust_range_hwpoison``); a punched hole removes it."""
+    from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MFD_HUGETLB
+
+    fd = hp.memfd_create("h", MFD_HUGETLB)
+    hp.ftruncate(fd, 2 * H)
+    a = hp.mmap(0, 2 * H, RW, MAP_SHARED, fd, 0)
+    hp.write(a, b"x" * (2 * H))
+    assert poison(hp, a + 3 * P) is not None
+    b = hp.mmap(0, H, PROT_READ, MAP_SHARED, fd, 0)  # never faulted: the page cache says
+    with pytest.raises(Sigbus) as e:
+        hp.read(b + 100 * P, 1)
+    assert e.value.si_code == BUS_MCEERR_AR
+    assert hp.pread(fd, 4 * P, 0) == b"x" * (3 * P)
+    assert hp.pread(fd, 2, 4 * P) == b"xx"
+    with pytest.raises(OSError) as err:
+        hp.pread(fd, 1, 3 * P + 9)
+    assert err.value.errno == errno.EIO
+    hp.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, H)
+    assert hp.read(a + 3 * P, 1) == b"\0" and hp.pread(fd, 1, 3 * P) == b"\0"
+
+
+def test_inject_steps_over_the_rest_of_a_large_folio(hp):
+    """madvise_inject_error advances by the folio's size: over a THP, only the first page
+    of the range is poisoned (then the THP is split)."""
+    from vmemu import MADV_HUGEPAGE
+
+    a = hp.mmap(0, 2 * H, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+    a = (a + H - 1) & ~(H - 1)
+    hp.madvise(a, H, MADV_HUGEPAGE)
+    hp.write(a, b"t" * (4 * P))
+    assert hp.walk(a)[2].entry & 0x80  # a THP
+    assert poison(hp, a + P, 3) is not None
+    with pytest.raises(Sigbus):
+        hp.read(a + P, 1)
+    assert hp.read(a + 2 * P, 1) == b"t" and hp.read(a + 3 * P, 1) == b"t"

@@ -84,9 +84,12 @@ from vmemu.mmu.pgtable import (
     _PAGE_SOFT_DIRTY,
     _PAGE_UFFD_WP,
     PTE_PFN_MASK,
+    SWP_HWPOISON,
     UFFD_WP_MARKER,
     is_poisoned_marker,
+    is_swap_pte_raw,
     is_uffd_wp_marker,
+    swp_type,
 )
 from vmemu.mmu.shmem import ShmemInode
 from vmemu.mmu.vma import (
@@ -169,6 +172,7 @@ class HugetlbPool:
             HPAGE_SIZE_1G: HState(HPAGE_SIZE_1G.bit_length() - 1 - PAGE_SHIFT),
         }
         self.default = self.hstates[DEFAULT_HPAGE_SIZE]
+        self.raw_hwpoison: set[int] = set()  # raw pfns of poisoned huge pages (raw_hwp_list)
 
     def hstate(self, size: int = DEFAULT_HPAGE_SIZE) -> HState:
         """The hstate of ``size`` bytes (``size_to_hstate``); EINVAL for an unknown size."""
@@ -687,6 +691,11 @@ def _unmap_folio(mm: MmStruct, vma: Vma, haddr: int, folio: Folio) -> None:
     mm.phys.folio_put(folio, n)
 
 
+def is_hwpoison_entry(e: int) -> bool:
+    """A hwpoison swap entry (``is_hugetlb_entry_hwpoisoned``)."""
+    return is_swap_pte_raw(e) and swp_type(e) == SWP_HWPOISON
+
+
 def _entry_at(mm: MmStruct, addr: int) -> tuple[list[int] | None, int]:
     pmd = mm.pgtables.pmd_table(addr, False)
     if pmd is None:
@@ -707,6 +716,8 @@ def hugetlb_fault(mm: MmStruct, vma: Vma, address: int, flags: int, task: Any = 
     if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
         if is_poisoned_marker(e):
             return POISON_MARKER_FAULT  # VM_FAULT_HWPOISON_LARGE: SIGBUS, or EHWPOISON to GUP
+        if is_hwpoison_entry(e):
+            return VmFault.HWPOISON  # VM_FAULT_HWPOISON_LARGE: SIGBUS BUS_MCEERR_AR
         return hugetlb_no_page(mm, vmf, h, hidx)
     if flags & FAULT_FLAG_WRITE:
         if not e & _PAGE_RW:
@@ -765,6 +776,8 @@ def hugetlb_no_page(mm: MmStruct, vmf: VmFaultInfo, h: HState, hidx: int) -> VmF
             if write and uffd_wp:
                 return handle_userfault(vmf, VM_UFFD_WP)
             return VmFault.NONE
+    elif folio.test(PG.hwpoison):  # poisoned while this mapping had no entry for it
+        return VmFault.HWPOISON
     elif vma.vm_flags & VM_UFFD_MINOR:
         return handle_userfault(vmf, VM_UFFD_MINOR)
     if not vma.vm_flags & VM_MAYSHARE:
@@ -925,8 +938,9 @@ def copy_hugetlb_page_range(src: MmStruct, dst: MmStruct, src_vma: Vma, dst_vma:
     for addr in range(src_vma.vm_start, src_vma.vm_end, h.size):
         _pmd, e = _entry_at(src, addr)
         if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
-            # copy_pte_marker: poison always, uffd-wp only into a uffd-wp child VMA
-            if is_poisoned_marker(e) or (keep_uffd_wp and is_uffd_wp_marker(e)):
+            # hwpoison entries and poison markers always, uffd-wp only into a uffd-wp child VMA
+            if is_poisoned_marker(e) or is_hwpoison_entry(e) or \
+                    (keep_uffd_wp and is_uffd_wp_marker(e)):
                 _set_huge_entry(dst, addr, h, lambda i, m=e: m)
             continue
         folio = src.phys.mem_map[(e & PTE_PFN_MASK) >> PAGE_SHIFT]

@@ -199,6 +199,17 @@ def _zero_partial(inode: Any, start: int, end: int) -> None:
         start = stop
 
 
+def _raw_poisoned(inode: Any, folio: Any, pos: int) -> bool:
+    """Is the 4 KiB page at ``pos`` of a poisoned folio itself bad?
+
+    A hugetlbfs read stops only at the raw poisoned pages of a huge page
+    (``adjust_range_hwpoison``); a shmem page is poisoned whole.
+    """
+    if not _is_hugetlb(inode):
+        return True
+    return folio.pfn + (_folio_offset(folio, pos) >> PAGE_SHIFT) in inode.pool.raw_hwpoison
+
+
 def file_read(inode: Any, n: int, offset: int) -> bytes:
     """pread(2) through the page cache (``shmem_file_read_iter``); holes read as zeros.
 
@@ -215,7 +226,7 @@ def file_read(inode: Any, n: int, offset: int) -> bytes:
         folio = inode.find_folio(pos >> PAGE_SHIFT)
         if folio is None:
             out += bytes(stop - pos)
-        elif folio.flags & PG.hwpoison:
+        elif folio.flags & PG.hwpoison and _raw_poisoned(inode, folio, pos):
             if not out:
                 raise_errno(errno.EIO, "pread of a poisoned page")
             break

@@ -24,8 +24,14 @@ page EHWPOISON) and calls ``memory_failure`` on its frame, which
   range, then raises :class:`~vmemu.errors.Sigbus`. Other processes are
   not signalled (no early kill); they get SIGBUS when they touch the page.
 
-Simplified: a large folio is split first (``split_folio``) and EBUSY is
-returned when it cannot be; the shared zero page (a read GUP of an
+A hugetlb page is poisoned whole (:func:`memory_failure_hugetlb`): its
+mappings become hwpoison entries at the huge level, a hugetlbfs page stays
+cached and poisoned, a private one is dissolved out of the pool. The
+injector steps by the size of the folio it found (``madvise_inject_error``),
+so a range over a THP or a huge page poisons its first page only.
+
+Simplified: a THP is split first (``split_folio``) and EBUSY is returned
+when it cannot be; 1 GiB pages are EBUSY; the shared zero page (a read GUP of an
 unpopulated private page finds it) gives EBUSY without poisoning it (the
 kernel poisons the zero page and returns EBUSY, ``me_kernel``); swap-cache
 pages keep their swap cache. MADV_SOFT_OFFLINE and unpoison are not
@@ -81,10 +87,12 @@ def memory_failure(phys: PhysMem, pfn: int, current: MmStruct | None) -> int | N
         raise_errno(errno.EBUSY, "not a user page (me_kernel)")
     if folio.test(PG.hwpoison):
         raise_errno(EHWPOISON, "page already poisoned")
+    if folio.flags & PG.hugetlb:
+        return memory_failure_hugetlb(phys, folio, pfn, current)
     if folio.order:
         from vmemu.mmu.huge_memory import split_folio
 
-        if folio.flags & PG.hugetlb or not split_folio(phys, folio, zero_unused=False):
+        if not split_folio(phys, folio, zero_unused=False):
             raise_errno(errno.EBUSY, "cannot split the large folio")
         folio = phys.mem_map[pfn]
         assert isinstance(folio, Folio) and folio.order == 0
@@ -105,6 +113,54 @@ def memory_failure(phys: PhysMem, pfn: int, current: MmStruct | None) -> int | N
             kill = hit.address
     # the reference GUP took (MF_COUNT_INCREASED) is never dropped: the frame is gone
     folio.refcount += 1
+    return kill if dirty else None
+
+
+def memory_failure_hugetlb(phys: PhysMem, folio: Folio, pfn: int,
+                           current: MmStruct | None) -> int | None:
+    """A raw page of a hugetlb page fails (``try_memory_failure_hugetlb``).
+
+    The whole huge page is poisoned (``folio_set_hugetlb_hwpoison``; the
+    raw page is remembered, ``raw_hwp_list``) and every mapping of it
+    becomes a hwpoison entry at the huge level (``hwpoison_user_mappings``).
+    A hugetlbfs page stays in its page cache, poisoned
+    (``hugetlbfs_error_remove_folio``): faults of it are
+    VM_FAULT_HWPOISON_LARGE, ``pread`` stops at the raw page. A private
+    (anonymous) huge page is dissolved (``me_huge_page`` ->
+    ``__page_handle_poison``): it leaves the pool, ``nr_hugepages`` drops by
+    one. The caller is signalled at the raw page's address when the page was
+    dirty. Simplified: 1 GiB pages are EBUSY.
+    """
+    from vmemu.mmu.hugetlb import (
+        _entry_at,
+        _set_huge_entry,
+        _unmap_folio,
+        hstate_vma,
+        hugetlb_pool,
+    )
+
+    if folio.order != 9:
+        raise_errno(errno.EBUSY, "memory failure of a 1 GiB page is not emulated")
+    pool = hugetlb_pool(phys)
+    folio.set(PG.hwpoison)
+    pool.raw_hwpoison.add(pfn)
+    folio.refcount += 1  # the GUP reference (MF_COUNT_INCREASED): kept, the page is gone
+    dirty = folio.test(PG.dirty)
+    kill: int | None = None
+    for hit in list(rmap_walk(folio, _owner_map(phys))):
+        _pmd, e = _entry_at(hit.mm, hit.address)
+        if e & _PAGE_DIRTY:
+            dirty = True
+        _unmap_folio(hit.mm, hit.vma, hit.address, folio)
+        h = hstate_vma(hit.vma)
+        _set_huge_entry(hit.mm, hit.address, h, lambda i: make_hwpoison_entry(folio.pfn))
+        if hit.mm is current:
+            addr = hit.address + ((pfn - folio.pfn) << PAGE_SHIFT)
+            kill = addr if kill is None else min(kill, addr)
+    if folio.test(PG.anon):  # dissolve_free_hugetlb_folio: out of the pool for good
+        h = pool._hstate_of(folio)
+        h.nr_huge_pages -= 1
+        folio.flags &= ~PG.dirty
     return kill if dirty else None
 
 
@@ -144,10 +200,13 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, advice: int) -> Non
             addr = start
             while addr < end:
                 pfn = _gup_one(mm, addr)
+                head = mm.phys.mem_map[pfn]
+                # the next address is a folio size on: the rest of a THP or huge page is skipped
+                size = head.nr_pages * PAGE_SIZE if isinstance(head, Folio) else PAGE_SIZE
                 got = memory_failure(mm.phys, pfn, mm)
                 if kill is None:
                     kill = got
-                addr += PAGE_SIZE
+                addr += size
     finally:
         if kill is not None:
             raise Sigbus(BUS_MCEERR_AR, kill, reason="memory failure injected (MADV_HWPOISON)")

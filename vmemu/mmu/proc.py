@@ -301,7 +301,8 @@ def pagemap_entry(mm: MmStruct, addr: int) -> int:
         if pte_swp_uffd_wp(e):
             flags |= PM_UFFD_WP
         frame = swp_type(e) | (swp_offset(e) << MAX_SWAPFILES_SHIFT)
-    elif is_swap_pte_raw(e) and swp_type(e) == SWP_HWPOISON:
+    elif is_swap_pte_raw(e) and swp_type(e) == SWP_HWPOISON and e is not me:
+        # (at the PMD level: pagemap_hugetlb_range shows a non-present entry as nothing)
         # a pfn swap entry: swapped, type and pfn as the frame, PM_FILE from its page
         flags |= PM_SWAP
         frame = SWP_HWPOISON | (swp_offset(e) << MAX_SWAPFILES_SHIFT)
