@@ -67,8 +67,12 @@ class FileModel:
     # what the model knows of PG_dirty (memory_failure signals the caller for a dirty page):
     # written since the page entered the cache, or perhaps (fallocated, partly zeroed)
     poisoned: set[int] = attrs.field(factory=set)
+    raw_poisoned: set[int] = attrs.field(factory=set)  # where pread stops (a hugetlb page's raw page)
     dirty: set[int] = attrs.field(factory=set)
     maybe_dirty: set[int] = attrs.field(factory=set)
+    # hugetlb: the huge page indexes in the page cache (a shared fault or fallocate put
+    # them there; a private fault of a hole allocates an anonymous page instead)
+    cached: set[int] = attrs.field(factory=set)
 
     def __repr__(self) -> str:
         return f"FileModel({self.name!r}, size={self.size:#x})"
@@ -97,6 +101,7 @@ class FileModel:
     def drop(self, index: int) -> None:
         """The cached page at ``index`` leaves the page cache (truncated or punched)."""
         self.poisoned.discard(index)
+        self.raw_poisoned.discard(index)
         self.dirty.discard(index)
         self.maybe_dirty.discard(index)
 
@@ -105,7 +110,7 @@ class FileModel:
         end = min(offset + n, self.size)
         stop = end
         for index in range(offset >> PAGE_SHIFT, (end + _OFF) >> PAGE_SHIFT):
-            if index in self.poisoned:
+            if index in self.raw_poisoned:
                 stop = max(offset, index << PAGE_SHIFT)
                 break
         if stop == offset and offset < end:
@@ -149,7 +154,8 @@ class FileModel:
         """Zero the bytes ``[start, end)`` (a punched hole; holes read as zeros).
 
         Whole pages leave the page cache; a page zeroed in part stays, and
-        may be dirty now.
+        may be dirty now. (A hugetlb file drops whole huge pages only: its
+        machine does that.)
         """
         pos = start
         while pos < end:
@@ -157,7 +163,9 @@ class FileModel:
             buf = self.pages.get(pos >> PAGE_SHIFT)
             if buf is not None:
                 buf[pos & _OFF:(pos & _OFF) + stop - pos] = bytes(stop - pos)
-            if stop - pos == PAGE_SIZE:
+            if self.huge:
+                pass
+            elif stop - pos == PAGE_SIZE:
                 self.drop(pos >> PAGE_SHIFT)
             else:
                 self.maybe_dirty.add(pos >> PAGE_SHIFT)
@@ -174,9 +182,11 @@ class FileModel:
             first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
             for index in [i for i in self.pages if i >= first]:
                 del self.pages[index]
-            for index in [i for i in self.poisoned | self.dirty | self.maybe_dirty if i >= first]:
+            for index in [i for i in self.poisoned | self.raw_poisoned | self.dirty |
+                          self.maybe_dirty if i >= first]:
                 self.drop(index)
             self.zero(size, first << PAGE_SHIFT)
+            self.cached = {h for h in self.cached if h * HPAGE_PAGES < first}
         self.size = size
 
 

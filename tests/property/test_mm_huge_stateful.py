@@ -66,6 +66,7 @@ from test_mm_stateful import PROTS, Addr, pattern, scaled
 
 from vmemu import (
     BUS_ADRERR,
+    BUS_MCEERR_AR,
     MADV_COLD,
     MADV_COLLAPSE,
     MADV_DOFORK,
@@ -73,6 +74,7 @@ from vmemu import (
     MADV_DONTNEED,
     MADV_FREE,
     MADV_HUGEPAGE,
+    MADV_HWPOISON,
     MADV_KEEPONFORK,
     MADV_NOHUGEPAGE,
     MADV_PAGEOUT,
@@ -108,6 +110,7 @@ HP = HPAGE_PAGES
 HSIZE = HP * PAGE_SIZE
 POOL = 128
 HOT = (0, 1, HP // 2 - 1, HP - 1)
+PM_PFN = (1 << 55) - 1  # the frame field of a pagemap entry
 RW = PROT_READ | PROT_WRITE
 
 KINDS = ["thp", "hugetlb-anon-shared", "hugetlb-anon-private", "hugetlb-shared",
@@ -165,9 +168,13 @@ class HugeMachine(MemTypesMachine):
         """
         f.zero(start, end)
         hole_start, hole_end = -(-start // HSIZE) * HSIZE, end // HSIZE * HSIZE
+        for index in range(hole_start >> PAGE_SHIFT, hole_end >> PAGE_SHIFT):
+            f.drop(index)  # the huge page leaves the page cache, poisoned or not
+        f.cached -= set(range(hole_start // HSIZE, hole_end // HSIZE))
         for pg in self.file_mappings(f):
             if hole_start <= pg.index * PAGE_SIZE < hole_end:
                 pg.data = None
+                pg.poisoned = False  # __unmap_hugepage_range clears hwpoison entries too
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -498,7 +505,9 @@ class HugeMachine(MemTypesMachine):
             return
         if mode & FALLOC_FL_PUNCH_HOLE:
             self.punch(f, offset, offset + nbytes)
-        elif not mode & FALLOC_FL_KEEP_SIZE:
+            return
+        f.cached.update(range(offset // HSIZE, -(-(offset + nbytes) // HSIZE)))
+        if not mode & FALLOC_FL_KEEP_SIZE:
             f.size = max(f.size, offset + nbytes)  # may leave i_size unaligned (checked on 6.18)
 
     @rule(units=st.integers(0, 4), off=st.sampled_from([0, 1, PAGE_SIZE * HOT[2]]),
@@ -518,17 +527,64 @@ class HugeMachine(MemTypesMachine):
     @precondition(lambda self: not self.swap)
     @rule(p=MemTypesMachine.procs, pos=pos_st)
     def hwpoison(self, p: Process, pos: int) -> None:  # type: ignore[override]
-        """MADV_HWPOISON of a THP page: the THP is split first (``try_to_split_thp_page``).
+        """MADV_HWPOISON of one page of a THP or of a hugetlb page.
 
-        Then only the 4 KiB page is poisoned, as in the small-page machine.
-        Not for hugetlb: vmemu does not poison hugetlb folios yet (EBUSY;
-        Linux poisons the whole huge page, ``try_memory_failure_hugetlb``).
+        A THP is split first (``try_to_split_thp_page``), then only the
+        4 KiB page is poisoned, as in the small-page machine. A hugetlb page
+        is poisoned whole (``try_memory_failure_hugetlb``): every page table
+        mapping it (found by its frame in pagemap) gets a hwpoison entry for
+        all of it; a hugetlbfs page stays cached and poisoned, so every
+        fault of it is SIGBUS BUS_MCEERR_AR while pread stops at the raw
+        page only (``adjust_range_hwpoison``). The caller is signalled at
+        the raw page when the page was dirty: surely when one of its bytes
+        was written; a page only read may be either (PG_dirty of a fresh
+        hugetlb page is not modelled). Only a present page is poisoned here
+        (a GUP fault would allocate one whose dirtiness is not modelled).
         """
-        pg = self.model[p].get(hvpn(pos))
-        if pg is not None and pg.huge:
-            event("not modelled: MADV_HWPOISON of a hugetlb page")
+        vpn = hvpn(pos)
+        pg = self.model[p].get(vpn)
+        if pg is None or not pg.huge:
+            self.do_hwpoison(p, haddr(pos))
             return
-        self.do_hwpoison(p, haddr(pos))
+        if not pg.prot & PROT_READ or pg.sigbus() is not None:
+            return
+        entry = p.pagemap(vpn << PAGE_SHIFT)
+        if not entry >> 63 & 1:
+            event("hwpoison: hugetlb page not present, skipped")
+            return
+        head = (entry & PM_PFN) - vpn % HP
+        base = vpn - vpn % HP
+        kills = set()
+        written = False
+        for q, pages in self.model.items():
+            for b in {v - v % HP for v, o in pages.items() if o.huge}:
+                e = q.pagemap(b << PAGE_SHIFT)
+                if not e >> 63 & 1 or (e & PM_PFN) != head:
+                    continue
+                for v in range(b, b + HP):
+                    if v in pages:
+                        pages[v].poisoned = True
+                        written |= pages[v].kind == "anon" and pages[v].data is not None
+                if q is p:
+                    kills.add((b + vpn % HP) << PAGE_SHIFT)
+        if pg.kind == "shared" or pg.kind == "private" and pg.data is None:
+            f = pg.file
+            assert f is not None
+            first = pg.index - pg.index % HP
+            f.poisoned.update(range(first, first + HP))
+            f.raw_poisoned.add(pg.index)
+            written = bool(f.dirty & set(range(first, first + HP)))
+        event(f"hwpoison hugetlb {pg.kind} written={written}")
+        assert base << PAGE_SHIFT <= haddr(pos) < (base + HP) << PAGE_SHIFT
+        try:
+            p.madvise(haddr(pos), PAGE_SIZE, MADV_HWPOISON)
+            sig = None
+        except Signal as e:
+            sig = e
+        if sig is None and not written:
+            return
+        assert isinstance(sig, Sigbus) and sig.si_code == BUS_MCEERR_AR and sig.si_addr in kills, \
+            f"MADV_HWPOISON: {sig!r}, model expects SIGBUS BUS_MCEERR_AR at one of {kills}"
 
     # -- accesses ---------------------------------------------------------------------
 
@@ -601,7 +657,7 @@ class HugeMachine(MemTypesMachine):
             sig = e
         self.check_signal(sig, (Sigbus, BUS_ADRERR, addr, 0))
         p.munmap(a, HSIZE)
-        self.kernel.set_nr_hugepages(POOL)
+        self.kernel.set_nr_hugepages(before.nr_hugepages - before.surplus_huge_pages)
         assert pool.statistics() == before, f"pool {pool.statistics()} != {before}"
 
 

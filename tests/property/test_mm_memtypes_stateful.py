@@ -127,6 +127,7 @@ from vmemu import (
 from vmemu.mmu.gup import EHWPOISON, follow_page
 from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from vmemu.mmu.mlock import MLOCK_ONFAULT
+from vmemu.mmu.pgtable import SWP_HWPOISON, is_swap_pte_raw, swp_type
 from vmemu.mmu.vmscan import try_to_free_pages
 
 BASE = 0x1000_0000
@@ -163,6 +164,15 @@ sizes_st = st.one_of(st.integers(0, 12).map(lambda i: i * PAGE_SIZE), st.integer
 tasks_st = st.sampled_from(["main", "worker"])
 
 
+def hwpoison_entry_at(p: Process, vpn: int) -> bool:
+    """Does a page table of ``p`` hold a hwpoison entry for page ``vpn`` (PTE or huge PMD)?"""
+    for level in p.walk(vpn << PAGE_SHIFT):
+        e = level.entry
+        if e and not e & 1 and is_swap_pte_raw(e) and swp_type(e) == SWP_HWPOISON:
+            return True
+    return False
+
+
 def window_addr(page: int, off: int = 0) -> Addr:
     """The address ``off`` bytes into page ``page`` of the window."""
     return Addr(BASE + page * PAGE_SIZE + off)
@@ -172,6 +182,24 @@ def split_inside_huge(pages: Pages, vpn: int) -> bool:
     """True when ``vpn`` falls strictly inside a hugetlb page (a VMA split there is EINVAL)."""
     pg = pages.get(vpn)
     return vpn % HPAGE_PAGES != 0 and pg is not None and pg.huge
+
+
+def fault_model(pages: Pages, vpn: int) -> None:
+    """What a successful fault of a hugetlb file page does to the model (``hugetlb_no_page``).
+
+    A shared fault puts the huge page in the page cache. A private fault
+    maps the cached page if there is one; over a hole it allocates an
+    anonymous huge page of zeros, which later writes to the file never
+    reach. Other memory types need nothing here.
+    """
+    pg = pages[vpn]
+    if not pg.huge or pg.file is None:
+        return
+    hidx = pg.index // HPAGE_PAGES
+    if pg.kind == "shared":
+        pg.file.cached.add(hidx)
+    elif pg.kind == "private" and pg.data is None and hidx not in pg.file.cached:
+        cow(pages, vpn)
 
 
 def cow(pages: Pages, vpn: int) -> None:
@@ -255,6 +283,7 @@ class MemTypesMachine(RuleBasedStateMachine):
                 pg = pages[vpn]
                 if pg.sigbus() is not None:
                     break
+                fault_model(pages, vpn)
                 if pg.writable() and not pg.vm_shared():
                     cow(pages, vpn)
 
@@ -327,8 +356,8 @@ class MemTypesMachine(RuleBasedStateMachine):
             if pg.poisoned and pg.kind == "private" and pg.data is None:
                 # a hwpoison entry over a page cache page: copy_page_range copies it only
                 # if the VMA has an anon_vma (vma_needs_copy), which the model does not
-                # track; pagemap shows the entry as swapped
-                pg.poisoned = bool(child.pagemap(vpn << PAGE_SHIFT) >> 62 & 1)
+                # track; the child's page table says
+                pg.poisoned = hwpoison_entry_at(child, vpn)
         return child
 
     @precondition(lambda self: len(self.model) > 1)
@@ -523,6 +552,7 @@ class MemTypesMachine(RuleBasedStateMachine):
             if bus is not None:
                 want = errno.EFAULT
                 break
+            fault_model(pages, v)
             if write:
                 touched.append(v)
                 if not pg.lazy:
@@ -583,6 +613,7 @@ class MemTypesMachine(RuleBasedStateMachine):
                         if q is p:
                             kills.add(v << PAGE_SHIFT)  # the caller maps the frame here too
             f.poisoned.add(index)
+            f.raw_poisoned.add(index)
             dirty = True if index in f.dirty else (None if index in f.maybe_dirty else False)
         event(f"hwpoison {pg.kind} dirty={dirty}")
         try:
@@ -704,6 +735,9 @@ class MemTypesMachine(RuleBasedStateMachine):
             if pg.huge and (dest % HPAGE_PAGES or flags & MREMAP_DONTUNMAP):
                 want = errno.EINVAL  # check_prep_vma: aligned, and hugetlb is VM_DONTEXPAND
                 break
+            if split_inside_huge(pages, dest) or split_inside_huge(pages, dest + b - a):
+                want = errno.EINVAL  # unmapping this piece's destination splits a hugetlb page
+                break
             pieces.append((a, b, s, e))
             if want is not None:
                 break
@@ -816,6 +850,7 @@ class MemTypesMachine(RuleBasedStateMachine):
             pg = pages[v]
             if not pg.readable() or pg.sigbus() is not None:
                 return errno.ENOMEM
+            fault_model(pages, v)
             if pg.writable() and not pg.vm_shared() and not pg.lazy:
                 cow(pages, v)
         return None
@@ -927,6 +962,7 @@ class MemTypesMachine(RuleBasedStateMachine):
             return  # the bytes read before the fault are not returned
         done = 0
         for s in segs:
+            fault_model(pages, s.vpn)
             pg = pages[s.vpn]
             if data is None:
                 part = got[done:done + s.n]
