@@ -26,7 +26,6 @@ from vmemu.mmu.pgtable import (
     PTE_PFN_MASK,
     SWP_HWPOISON,
     is_real_swap_pte,
-    is_swap_pte_raw,
     is_uffd_wp_marker,
     pte_swp_uffd_wp,
     swp_offset,
@@ -268,7 +267,8 @@ def pagemap_entry(mm: MmStruct, addr: int) -> int:
     if pmd is None:
         return 0
     me = pmd[(addr >> 21) & 511]
-    if me & _PAGE_PSE or not me & _PAGE_PRESENT:  # a huge leaf, or a non-present huge entry
+    huge = bool(me & _PAGE_PSE or not me & _PAGE_PRESENT)
+    if huge:  # a huge leaf, or a non-present huge entry
         e = me
         pfn = ((me & PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
     else:
@@ -294,19 +294,19 @@ def pagemap_entry(mm: MmStruct, addr: int) -> int:
                     flags |= PM_MMAP_EXCLUSIVE
         elif me & _PAGE_PSE:
             flags |= PM_FILE  # the huge zero page: pmd_page() is no anon page (observed on 6.18)
-    elif is_uffd_wp_marker(e):
-        flags |= PM_UFFD_WP
-    elif is_real_swap_pte(e):
-        flags |= PM_SWAP
-        if pte_swp_uffd_wp(e):
+    elif huge:
+        # a non-present hugetlb entry: pagemap_hugetlb_range shows its uffd-wp bit only
+        if is_uffd_wp_marker(e) or pte_swp_uffd_wp(e):
             flags |= PM_UFFD_WP
-        frame = swp_type(e) | (swp_offset(e) << MAX_SWAPFILES_SHIFT)
-    elif is_swap_pte_raw(e) and swp_type(e) == SWP_HWPOISON and e is not me:
-        # (at the PMD level: pagemap_hugetlb_range shows a non-present entry as nothing)
-        # a pfn swap entry: swapped, type and pfn as the frame, PM_FILE from its page
+    else:
+        # every swap-format PTE is "swapped" (pte_to_pagemap_entry): a swap slot, a
+        # hwpoison entry, a pte marker (uffd-wp, poison); the frame is type | offset << 5
         flags |= PM_SWAP
-        frame = SWP_HWPOISON | (swp_offset(e) << MAX_SWAPFILES_SHIFT)
-        folio = mm.phys.mem_map[swp_offset(e)]
-        if isinstance(folio, Folio) and not folio.test(PG.anon):
-            flags |= PM_FILE
+        frame = swp_type(e) | (swp_offset(e) << MAX_SWAPFILES_SHIFT)
+        if pte_swp_uffd_wp(e) or is_uffd_wp_marker(e):
+            flags |= PM_UFFD_WP
+        if swp_type(e) == SWP_HWPOISON:  # a pfn swap entry names its page
+            folio = mm.phys.mem_map[swp_offset(e)]
+            if isinstance(folio, Folio) and not folio.test(PG.anon):
+                flags |= PM_FILE
     return (frame & PM_PFRAME_MASK) | flags
