@@ -406,6 +406,12 @@ def seals(s: Side) -> None:
     s.do("ftruncate", f, 4 * P)
     s.do("ftruncate", f, 3 * P)
     s.do("pwrite", f, b"x", 3 * P)  # would grow
+    s.do("ftruncate", f, 3 * P - 10)
+    s.do("pwrite", f, b"g" * 2 * P, P)  # writes the pages before the one that would grow
+    s.do("pwrite", f, b"h" * P, P + 100)
+    s.do("pread", f, 3 * P, 0)
+    s.do("size", f)
+    s.do("ftruncate", f, 3 * P)
     s.do("pwrite", f, b"inside", 10)
     s.do("fallocate", f, 0, 3 * P, P)
     s.do("fallocate", f, FALLOC_FL_KEEP_SIZE, 3 * P, P)

@@ -247,14 +247,18 @@ def file_write(inode: Any, data: bytes, offset: int) -> int:
     if inode.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
         raise_errno(errno.EPERM)
     end = offset + len(data)
-    if end > inode.i_size and inode.seals & F_SEAL_GROW:
-        raise_errno(errno.EPERM)
     if end > MAX_LFS_FILESIZE:
         raise_errno(errno.EFBIG)
     done = 0
     pos = offset
     while pos < end:
         stop = min(end, (pos | (PAGE_SIZE - 1)) + 1)
+        if stop > inode.i_size and inode.seals & F_SEAL_GROW:
+            # shmem_write_begin refuses the page-sized step that would grow the file;
+            # generic_perform_write returns what the steps before it wrote (6.18)
+            if done:
+                break
+            raise_errno(errno.EPERM)
         folio = inode.get_folio(pos >> PAGE_SHIFT)
         if folio is None or folio.flags & PG.hwpoison:  # shmem_write_begin
             if done:
