@@ -227,23 +227,25 @@ def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect, _mm: An
     if ctx.mmap_changing:
         _fail(errno.EAGAIN, arg)
     r = arg.range
-    if not _sane(r.start, r.len):
-        _validate(arg, r.start, r.len)
+    start, length = r.start, r.len
+    if not (0 < length and not (length | start) & _PAGE_LOW and 0 <= start < TASK_SIZE
+            and length <= TASK_SIZE - start):  # not _sane(start, length)
+        _validate(arg, start, length)
     mode = arg.mode
     if mode & ~(uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE | uapi.UFFDIO_WRITEPROTECT_MODE_WP):
         _fail(errno.EINVAL, arg)
-    wp = bool(mode & uapi.UFFDIO_WRITEPROTECT_MODE_WP)
-    dontwake = bool(mode & uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE)
+    wp = mode & uapi.UFFDIO_WRITEPROTECT_MODE_WP != 0
+    dontwake = mode & uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
     if wp and dontwake:
         _fail(errno.EINVAL, arg)
     if ctx.mm.dead:
         _fail(errno.ESRCH, arg)
     try:
-        mwriteprotect_range(ctx, r.start, r.len, wp)
+        mwriteprotect_range(ctx, start, length, wp)
     except OSError as e:
         _fail(e.errno or errno.EINVAL, arg)
-    if not wp and not dontwake:
-        wake_userfault(ctx, r.start, r.len)
+    if not wp and not dontwake and (ctx.fault_pending or ctx.fault_read):  # wake_userfault
+        ctx.wake_range(start, length)
 
 
 def dispatch(ctx: Userfaultfd, cmd: int, arg: Any, caller_mm: Any) -> Any:

@@ -277,7 +277,8 @@ def mwriteprotect_range(ctx: Userfaultfd, start: int, length: int, enable: bool)
         vma = mm.vmas.vma_lookup(start)  # the common case: one VMA covers the range
         if vma is not None and end <= vma.vm_end and vma.vm_flags & VM_UFFD_WP and \
                 not vma.vm_flags & VM_HUGETLB:  # the loop below for that one VMA
-            uffd_wp_range(mm, vma, start, end, enable, use_markers(ctx, vma))
+            # (markers matter only to protecting: uffd_wp_range ANDs them with enable)
+            uffd_wp_range(mm, vma, start, end, enable, enable and use_markers(ctx, vma))
             return
         vmas = [vma] if vma is not None and end <= vma.vm_end else mm.vmas.overlapping(start, end)
         if not vmas:
