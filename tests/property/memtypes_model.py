@@ -48,6 +48,7 @@ from vmemu import (
     Sigbus,
     Sigsegv,
 )
+from vmemu.mmu.memfd import F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_WRITE
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 _OFF = PAGE_SIZE - 1
@@ -73,6 +74,11 @@ class FileModel:
     # hugetlb: the huge page indexes in the page cache (a shared fault or fallocate put
     # them there; a private fault of a hole allocates an anonymous page instead)
     cached: set[int] = attrs.field(factory=set)
+    seals: int = 0  # F_GET_SEALS
+
+    def write_sealed(self) -> bool:
+        """F_SEAL_WRITE or F_SEAL_FUTURE_WRITE: no pwrite, no hole punch, no new shared writer."""
+        return bool(self.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE))
 
     def __repr__(self) -> str:
         return f"FileModel({self.name!r}, size={self.size:#x})"
@@ -118,14 +124,28 @@ class FileModel:
         return self.read(offset, stop - offset)
 
     def pwrite(self, offset: int, data: bytes) -> int:
-        """pwrite: written up to the first poisoned page (EIO if that is the first); bytes done."""
-        n = len(data)
-        for index in range(offset >> PAGE_SHIFT, (offset + n + _OFF) >> PAGE_SHIFT):
-            if index in self.poisoned:
-                n = max(0, (index << PAGE_SHIFT) - offset)
+        """pwrite, page-sized step by step (``generic_perform_write``); bytes done or -errno.
+
+        A write seal refuses it (EPERM); F_SEAL_GROW stops at the step that
+        would grow the file, a poisoned page at itself (EPERM / EIO when
+        nothing was written).
+        """
+        if self.write_sealed():
+            return -errno.EPERM
+        end = offset + len(data)
+        pos, err = offset, 0
+        while pos < end:
+            stop = min(end, (pos | _OFF) + 1)
+            if self.seals & F_SEAL_GROW and stop > self.size:
+                err = errno.EPERM
                 break
+            if pos >> PAGE_SHIFT in self.raw_poisoned:
+                err = errno.EIO
+                break
+            pos = stop
+        n = pos - offset
         if n == 0:
-            return -errno.EIO
+            return -err
         self.write(offset, data[:n])
         return n
 
@@ -206,6 +226,7 @@ class PageModel:
     locked: bool = False
     huge: bool = False  # hugetlb
     thp: int = 0  # the last of MADV_HUGEPAGE / MADV_NOHUGEPAGE, if any
+    maywrite: bool = True  # VM_MAYWRITE: a shared mapping made after a write seal has none
 
     def sigbus(self) -> int | None:
         """The BUS_* code an access gets, or None.

@@ -101,7 +101,15 @@ from vmemu import (
     Sigbus,
     Signal,
 )
-from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MFD_HUGETLB
+from vmemu.mmu.memfd import (
+    F_ADD_SEALS,
+    F_SEAL_GROW,
+    F_SEAL_SEAL,
+    F_SEAL_WRITE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    MFD_HUGETLB,
+)
 from vmemu.mmu.pgtable import _PAGE_PSE
 
 HBASE = 0x4000_0000
@@ -197,7 +205,8 @@ class HugeMachine(MemTypesMachine):
         self.model[p] = {}
         fd = p.memfd_create("huge", MFD_HUGETLB)
         p.ftruncate(fd, size)
-        self.files.append(FileModel("huge", size, huge=True, fd=fd))
+        # without MFD_ALLOW_SEALING a memfd starts sealed with F_SEAL_SEAL
+        self.files.append(FileModel("huge", size, huge=True, fd=fd, seals=F_SEAL_SEAL))
         for unit, kind in enumerate(layout):
             self.do_hmmap(p, kind, unit * HP, HP, RW, "MAP_FIXED", False, unit)
         for unit in range(NUNITS):
@@ -517,6 +526,11 @@ class HugeMachine(MemTypesMachine):
         offset = units * HSIZE + off
         got = self.expect_errno(None, self.root.pread, f.fd, n, offset)
         assert got == f.read(offset, n), f"pread({f}, {n}, {offset:#x}) differs from the model"
+
+    @rule(seals=st.sampled_from([F_SEAL_GROW, F_SEAL_WRITE]))
+    def add_seals(self, seals: int) -> None:  # type: ignore[override]
+        """The hugetlb memfd was made without MFD_ALLOW_SEALING: F_ADD_SEALS is EPERM."""
+        self.expect_errno(errno.EPERM, self.root.fcntl, self.files[0].fd, F_ADD_SEALS, seals)
 
     @rule(units=st.integers(0, 4))
     def pwrite(self, units: int) -> None:  # type: ignore[override]

@@ -125,7 +125,19 @@ from vmemu import (
     Signal,
 )
 from vmemu.mmu.gup import EHWPOISON, follow_page
-from vmemu.mmu.memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from vmemu.mmu.memfd import (
+    F_ADD_SEALS,
+    F_ALL_SEALS,
+    F_GET_SEALS,
+    F_SEAL_FUTURE_WRITE,
+    F_SEAL_GROW,
+    F_SEAL_SEAL,
+    F_SEAL_SHRINK,
+    F_SEAL_WRITE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    MFD_ALLOW_SEALING,
+)
 from vmemu.mmu.mlock import MLOCK_ONFAULT
 from vmemu.mmu.pgtable import SWP_HWPOISON, is_swap_pte_raw, swp_type
 from vmemu.mmu.vmscan import try_to_free_pages
@@ -152,6 +164,10 @@ FALLOC_MODES = [Named(0, "0"), Named(FALLOC_FL_KEEP_SIZE, "FALLOC_FL_KEEP_SIZE")
                 Named(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                       "FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE"),
                 Named(FALLOC_FL_PUNCH_HOLE, "FALLOC_FL_PUNCH_HOLE")]
+
+SEALS = [Named(F_SEAL_SHRINK, "F_SEAL_SHRINK"), Named(F_SEAL_GROW, "F_SEAL_GROW"),
+         Named(F_SEAL_WRITE, "F_SEAL_WRITE"), Named(F_SEAL_FUTURE_WRITE, "F_SEAL_FUTURE_WRITE"),
+         Named(F_SEAL_SEAL, "F_SEAL_SEAL"), Named(0x1000, "0x1000")]
 
 pages_st = st.integers(0, NPAGES - 1)
 access_pages_st = st.one_of(st.integers(0, 3), pages_st)
@@ -329,7 +345,7 @@ class MemTypesMachine(RuleBasedStateMachine):
         self.root = p
         self.model[p] = {}
         for i, size in enumerate(sizes):
-            fd = p.memfd_create(f"f{i}")
+            fd = p.memfd_create(f"f{i}", MFD_ALLOW_SEALING)
             p.ftruncate(fd, size)
             self.files.append(FileModel(f"f{i}", size, fd=fd))
         for part, kind in enumerate(layout):
@@ -394,6 +410,9 @@ class MemTypesMachine(RuleBasedStateMachine):
             want = errno.EINVAL
         elif how == "MAP_FIXED_NOREPLACE" and overlap:
             want = errno.EEXIST
+        elif kind == "memfd-shared" and file is not None and file.write_sealed() \
+                and prot & PROT_WRITE:
+            want = errno.EPERM  # memfd_check_seals_mmap: no new shared writer
         got = self.expect_errno(want, p.mmap, addr, length, prot, flags,
                                 -1 if file is None else file.fd, offset)
         if want is not None:
@@ -411,8 +430,10 @@ class MemTypesMachine(RuleBasedStateMachine):
         model_kind = {"anon": "anon", "shmem-anon": "shared", "memfd-shared": "shared",
                       "memfd-private": "private"}[kind]
         first = got >> PAGE_SHIFT
+        # a shared mapping of a write-sealed memfd gets no VM_MAYWRITE (mprotect cannot add it)
+        maywrite = not (kind == "memfd-shared" and file is not None and file.write_sealed())
         for i in range(npages):
-            pages[first + i] = PageModel(prot, model_kind, file, pgoff + i)
+            pages[first + i] = PageModel(prot, model_kind, file, pgoff + i, maywrite=maywrite)
         if populate:
             self.populate_model(p, first, first + npages)
 
@@ -449,6 +470,9 @@ class MemTypesMachine(RuleBasedStateMachine):
             pg = pages.get(v)
             if pg is None:  # a hole: ENOMEM, keeping what was done before it
                 want = errno.ENOMEM
+                break
+            if prot & PROT_WRITE and pg.kind == "shared" and not pg.maywrite:
+                want = errno.EACCES  # VM_WRITE without VM_MAYWRITE, at this VMA
                 break
             pg.prot = prot
         self.expect_errno(want, p.mprotect, addr, npages * PAGE_SIZE, prot)
@@ -503,10 +527,13 @@ class MemTypesMachine(RuleBasedStateMachine):
                 if pg.kind == "anon":
                     want = errno.EINVAL
                     break
-                if pg.kind == "private":
-                    want = errno.EACCES
+                if pg.kind == "private" or not pg.maywrite:
+                    want = errno.EACCES  # vma_is_shared_maywrite
                     break
                 assert pg.file is not None  # a hole punched over the whole page
+                if pg.file.write_sealed():
+                    want = errno.EPERM  # shmem_fallocate
+                    break
                 pg.file.zero(pg.index * PAGE_SIZE, (pg.index + 1) * PAGE_SIZE)
             elif advice == MADV_DONTFORK:
                 pg.dontfork = True
@@ -756,7 +783,8 @@ class MemTypesMachine(RuleBasedStateMachine):
         for i in range(old_n, new_n):
             pages[start + i] = PageModel(last.prot, last.kind, last.file, last.index + i - old_n + 1,
                                          dontfork=last.dontfork, wipeonfork=last.wipeonfork,
-                                         locked=last.locked, huge=last.huge, thp=last.thp)
+                                         locked=last.locked, huge=last.huge, thp=last.thp,
+                                         maywrite=last.maywrite)
         if last.locked:
             self.populate_model(p, start + old_n, start + new_n)
 
@@ -887,7 +915,12 @@ class MemTypesMachine(RuleBasedStateMachine):
     @rule(file_no=st.integers(0, 1), size=sizes_st)
     def ftruncate(self, file_no: int, size: int) -> None:
         f = self.files[file_no]
-        self.expect_errno(None, self.root.ftruncate, f.fd, size)
+        want = None  # shmem_setattr
+        if size < f.size and f.seals & F_SEAL_SHRINK or size > f.size and f.seals & F_SEAL_GROW:
+            want = errno.EPERM
+        self.expect_errno(want, self.root.ftruncate, f.fd, size)
+        if want is not None:
+            return
         f.truncate(size)
         for pg in self.file_mappings(f):
             if f.beyond_eof(pg.index):  # private COW copies beyond the end are zapped
@@ -902,6 +935,10 @@ class MemTypesMachine(RuleBasedStateMachine):
             want = errno.EINVAL
         elif mode == FALLOC_FL_PUNCH_HOLE:
             want = errno.EOPNOTSUPP
+        elif mode & FALLOC_FL_PUNCH_HOLE and f.write_sealed():
+            want = errno.EPERM  # shmem_fallocate
+        elif not mode & FALLOC_FL_PUNCH_HOLE and f.seals & F_SEAL_GROW and offset + length > f.size:
+            want = errno.EPERM  # even with FALLOC_FL_KEEP_SIZE
         self.expect_errno(want, self.root.fallocate, f.fd, mode, offset, length)
         if want is not None:
             return
@@ -934,6 +971,29 @@ class MemTypesMachine(RuleBasedStateMachine):
         got = self.expect_errno(-done if done < 0 else None, self.root.pwrite, f.fd, data, offset)
         if done >= 0:
             assert got == done, f"pwrite wrote {got}, model {done}"
+
+    @rule(file_no=st.integers(0, 1), seals=st.sampled_from(SEALS))
+    def add_seals(self, file_no: int, seals: int) -> None:
+        """F_ADD_SEALS (``memfd_add_seals``), then every file rule and mmap/mprotect obey them.
+
+        Unknown bits are EINVAL; after F_SEAL_SEAL anything is EPERM; a new
+        F_SEAL_WRITE is EBUSY while a shared mapping may write (VM_SHARED
+        with VM_MAYWRITE, even read-only: checked on 6.18 by
+        tests/differential/test_kernel_memfd.py, which covers each seal's
+        effect too).
+        """
+        f = self.files[file_no]
+        want = None
+        if seals & ~F_ALL_SEALS:
+            want = errno.EINVAL
+        elif f.seals & F_SEAL_SEAL:
+            want = errno.EPERM
+        elif seals & F_SEAL_WRITE and not f.seals & F_SEAL_WRITE and any(
+                pg.kind == "shared" and pg.maywrite for pg in self.file_mappings(f)):
+            want = errno.EBUSY
+        self.expect_errno(want, self.root.fcntl, f.fd, F_ADD_SEALS, seals)
+        if want is None:
+            f.seals |= seals
 
     @precondition(lambda self: self.swap)
     @rule(nr=st.integers(1, 16))
@@ -1033,6 +1093,7 @@ class MemTypesMachine(RuleBasedStateMachine):
             return
         for f in self.files:
             assert self.root.fstat_size(f.fd) == f.size, f"{f}: size {self.root.fstat_size(f.fd)}"
+            assert self.root.fcntl(f.fd, F_GET_SEALS) == f.seals, f"{f}: seals"
             for start, n in self.file_ranges(f):
                 pos = start
                 while pos < start + n:  # pread stops at each poisoned page: read around them
