@@ -26,7 +26,9 @@ MAP_FIXED, an mremap shrink, and for mprotect / flag advice when the flags
 change; MADV_DONTNEED on hugetlb needs an aligned start and rounds its end
 down; a writable hugetlbfs mmap grows ``i_size``; hugetlbfs has no
 ``pwrite`` (EINVAL); mremap of hugetlb rounds lengths up, needs aligned
-addresses, cannot grow and refuses DONTUNMAP (VM_DONTEXPAND); mlock sets
+addresses, cannot grow and refuses DONTUNMAP (VM_DONTEXPAND); a private
+fault over a hole of the file gets an anonymous page, not the page cache's
+(``hugetlb_no_page``); the memfd (no MFD_ALLOW_SEALING) refuses seals; mlock sets
 no VM_LOCKED on hugetlb but populates it even with MLOCK_ONFAULT; an
 unaligned ``ftruncate`` of a hugetlb file is EINVAL; a hole punch (fallocate
 or MADV_REMOVE) zeroes the partial huge pages at its ends in place and zaps

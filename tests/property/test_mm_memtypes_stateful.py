@@ -18,8 +18,9 @@ madvise (DONTNEED, REMOVE, FREE, WILLNEED, COLD, PAGEOUT, POPULATE_READ,
 POPULATE_WRITE, HUGEPAGE, NOHUGEPAGE, COLLAPSE, DONTFORK, DOFORK,
 WIPEONFORK, KEEPONFORK, HWPOISON), mremap (grow, shrink, MAYMOVE, FIXED,
 DONTUNMAP), mlock / mlock2(MLOCK_ONFAULT) / munlock, ftruncate, fallocate
-(allocate, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE), pread, pwrite, fork, exit,
-direct reclaim, and reads and writes from two tasks. The kernel is one of
+(allocate, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE), pread, pwrite, F_ADD_SEALS
+(the memfds allow sealing; every file rule, mmap and mprotect obey the
+seals), fork, exit, direct reclaim, and reads and writes from two tasks. The kernel is one of
 three configurations: no swap; swap; swap and a memory limit small enough
 that accesses reclaim and swap back in all the time.
 
