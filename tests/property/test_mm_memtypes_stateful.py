@@ -130,6 +130,7 @@ from vmemu.mmu.memfd import (
     F_ADD_SEALS,
     F_ALL_SEALS,
     F_GET_SEALS,
+    F_SEAL_EXEC,
     F_SEAL_FUTURE_WRITE,
     F_SEAL_GROW,
     F_SEAL_SEAL,
@@ -138,10 +139,17 @@ from vmemu.mmu.memfd import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     MFD_ALLOW_SEALING,
+    MFD_CLOEXEC,
+    MFD_EXEC,
+    MFD_HUGE_MASK,
+    MFD_HUGE_SHIFT,
+    MFD_HUGETLB,
+    MFD_NOEXEC_SEAL,
 )
 from vmemu.mmu.mlock import MLOCK_ONFAULT
 from vmemu.mmu.pgtable import SWP_HWPOISON, is_swap_pte_raw, swp_type
 from vmemu.mmu.vmscan import try_to_free_pages
+from vmemu.process import F_GETFD, FD_CLOEXEC
 
 BASE = 0x1000_0000
 NPAGES = 32
@@ -166,6 +174,10 @@ FALLOC_MODES = [Named(0, "0"), Named(FALLOC_FL_KEEP_SIZE, "FALLOC_FL_KEEP_SIZE")
                       "FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE"),
                 Named(FALLOC_FL_PUNCH_HOLE, "FALLOC_FL_PUNCH_HOLE")]
 
+MFD_FLAGS = [Named(MFD_CLOEXEC, "MFD_CLOEXEC"), Named(MFD_ALLOW_SEALING, "MFD_ALLOW_SEALING"),
+             Named(MFD_HUGETLB, "MFD_HUGETLB"), Named(21 << MFD_HUGE_SHIFT, "MFD_HUGE_2MB"),
+             Named(22 << MFD_HUGE_SHIFT, "22 << MFD_HUGE_SHIFT"), Named(MFD_EXEC, "MFD_EXEC"),
+             Named(MFD_NOEXEC_SEAL, "MFD_NOEXEC_SEAL"), Named(0x100, "0x100")]
 SEALS = [Named(F_SEAL_SHRINK, "F_SEAL_SHRINK"), Named(F_SEAL_GROW, "F_SEAL_GROW"),
          Named(F_SEAL_WRITE, "F_SEAL_WRITE"), Named(F_SEAL_FUTURE_WRITE, "F_SEAL_FUTURE_WRITE"),
          Named(F_SEAL_SEAL, "F_SEAL_SEAL"), Named(0x1000, "0x1000")]
@@ -972,6 +984,35 @@ class MemTypesMachine(RuleBasedStateMachine):
         got = self.expect_errno(-done if done < 0 else None, self.root.pwrite, f.fd, data, offset)
         if done >= 0:
             assert got == done, f"pwrite wrote {got}, model {done}"
+
+    @rule(flags=st.sets(st.sampled_from(MFD_FLAGS)).map(lambda s: sum(s)))
+    def memfd_create(self, flags: int) -> None:
+        """memfd_create(2) with drawn flags: the errno, or an fd whose flags and seals fit.
+
+        Checked on 6.18 by tests/differential/test_kernel_memfd.py: unknown
+        bits, or huge size bits without MFD_HUGETLB, are EINVAL; MFD_EXEC with
+        MFD_NOEXEC_SEAL is EINVAL; a size with no hstate is ENODEV; the fd has
+        FD_CLOEXEC from MFD_CLOEXEC; seals start as F_SEAL_SEAL unless
+        MFD_ALLOW_SEALING (or MFD_NOEXEC_SEAL, which seals F_SEAL_EXEC).
+        """
+        known = MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB | MFD_NOEXEC_SEAL | MFD_EXEC
+        if flags & MFD_HUGETLB:
+            known |= MFD_HUGE_MASK << MFD_HUGE_SHIFT
+        want = None
+        if flags & ~known or flags & MFD_EXEC and flags & MFD_NOEXEC_SEAL:
+            want = errno.EINVAL
+        elif flags & MFD_HUGETLB and (flags >> MFD_HUGE_SHIFT) & MFD_HUGE_MASK not in (0, 21, 30):
+            want = errno.ENODEV  # no such hstate
+        fd = self.expect_errno(want, self.root.memfd_create, "rule", flags)
+        if want is not None:
+            return
+        assert isinstance(fd, int)
+        seals = F_SEAL_SEAL if not flags & (MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL) else 0
+        if flags & MFD_NOEXEC_SEAL:
+            seals |= F_SEAL_EXEC
+        assert self.root.fcntl(fd, F_GET_SEALS) == seals, f"memfd_create({flags:#x}) seals"
+        assert self.root.fcntl(fd, F_GETFD) == (FD_CLOEXEC if flags & MFD_CLOEXEC else 0)
+        self.root.close(fd)
 
     @rule(file_no=st.integers(0, 1), seals=st.sampled_from(SEALS))
     def add_seals(self, file_no: int, seals: int) -> None:
