@@ -10,6 +10,9 @@ so every page table the model talks about exists)::
     base + 20 .. 21   M: two anon pages, the UFFDIO_MOVE sources (never registered)
     base + 32 ..      S: a shmem memfd of W pages mapped MAP_SHARED (registrable)
     base + 48 ..      S2: the same memfd mapped again (the alias, never registered)
+    base + 2 MiB ..   H: a hugetlb memfd of W 2 MiB pages mapped MAP_SHARED (registrable)
+    base + 10 MiB ..  H2: its alias; + 18 MiB: hsrc, 2 huge pages of anon memory (the
+                         hugetlb COPY source), then a 2 MiB hole (a COPY source there is EFAULT)
 
 Two userfaultfds (a Bundle): ``sigbus`` has UFFD_FEATURE_SIGBUS, so a touch
 that would fault into it raises Sigbus at once and no thread is needed;
@@ -18,7 +21,16 @@ serves as a monitor would: poll, read (the message is checked: address and
 WRITE/WP/MINOR flags), resolve (COPY, unprotect, CONTINUE), join. ``block``
 may have UFFD_FEATURE_EVENT_FORK: a fork then blocks until the monitor reads
 the FORK message, ioctls on ``block`` meanwhile fail EAGAIN (mmap_changing),
-and the child keeps ``block``'s registrations and uffd-wp bits.
+and the child keeps ``block``'s registrations and uffd-wp bits. ``block`` may
+also have any of UFFD_FEATURE_EVENT_REMAP / EVENT_REMOVE / EVENT_UNMAP: a
+munmap, mmap(MAP_FIXED), mremap or madvise that meets its registrations then
+runs on a task of its own, and the test, as the monitor, expects every event
+the model predicts in order (kind and payload: UNMAP of the syscall's range,
+REMOVE per VMA clipped to it, mremap's destination UNMAP before REMAP before
+the source's UNMAP; MADV_FREE of shmem raises REMOVE and then fails EINVAL),
+probes ``mmap_changing`` (a range ioctl fails EAGAIN) before reading each, and
+joins the task; with EVENT_REMAP the moved page keeps its registration and
+its uffd-wp state.
 
 The model keeps, per page: whether it is mapped, its registration (uffd and
 modes), its PTE (none, uffd-wp marker, poison marker, zero page, page with a
@@ -30,6 +42,14 @@ the uffd-wp bit of every page (pagemap bit 57), the child's registrations
 after fork. Where the model and vmemu disagreed, Linux 6.18 decided
 (``vmemu.native``; the cases are in tests/uffd/test_uffd_stateful_regressions.py
 when vmemu was wrong). ``kernel.check()`` runs after every step.
+
+H follows S with hugetlb's rules (``mfill_atomic_hugetlb``, ``hugetlb_no_page``,
+``__unmap_hugepage_range``): no ZEROPAGE (EINVAL) and no ZEROPAGE bit in the
+register ``ioctls``; COPY checks the PTE and the page cache (EEXIST) before it
+reads the source (EFAULT); no fault-around; a uffd-wp marker left by an old
+registration still maps the page uffd-wp; a zap (DONTNEED, and the first
+unmap of a hole punch) turns any uffd-wp page into a marker whatever the
+registration and drops poison; MADV_FREE is EINVAL before any event.
 
 ``tests/differential/test_uffd_replay.py`` replays a few fixed sequences of the
 same operations on vmemu and on the real kernel and compares every result.
@@ -67,18 +87,23 @@ from vmemu.constants import (
     PROT_WRITE,
 )
 from vmemu.errors import Sigbus, Sigsegv
+from vmemu.mmu.memfd import MFD_HUGETLB
 from vmemu.mmu.mremap import MREMAP_FIXED, MREMAP_MAYMOVE
-from vmemu.mmu.proc import PM_UFFD_WP
+from vmemu.mmu.proc import PM_PRESENT, PM_UFFD_WP
 from vmemu.mmu.vma import VM_UFFD_MINOR, VM_UFFD_MISSING, VM_UFFD_WP
 from vmemu.uffd import uapi
 
 W = 4
+HPAGE = 2 << 20
 RW = PROT_READ | PROT_WRITE
 MISSING = uapi.UFFDIO_REGISTER_MODE_MISSING
 WP = uapi.UFFDIO_REGISTER_MODE_WP
 MINOR = uapi.UFFDIO_REGISTER_MODE_MINOR
 FEATURES = (uapi.UFFD_FEATURE_WP_UNPOPULATED | uapi.UFFD_FEATURE_POISON
-            | uapi.UFFD_FEATURE_MOVE | uapi.UFFD_FEATURE_MINOR_SHMEM)
+            | uapi.UFFD_FEATURE_MOVE | uapi.UFFD_FEATURE_MINOR_SHMEM
+            | uapi.UFFD_FEATURE_MINOR_HUGETLBFS | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+REMAP_EV, REMOVE_EV, UNMAP_EV = (uapi.UFFD_FEATURE_EVENT_REMAP, uapi.UFFD_FEATURE_EVENT_REMOVE,
+                                 uapi.UFFD_FEATURE_EVENT_UNMAP)
 JOIN_S = 3.0  # a touch the model says ends must end well within this
 
 NONE, WPMARK, POISON, ZERO, PAGE = "none", "wp-marker", "poison", "zero", "page"
@@ -123,6 +148,11 @@ class Uffd:
     obj: Any
     sigbus: bool
     event_fork: bool = False
+    events: int = 0  # UFFD_FEATURE_EVENT_REMAP / _REMOVE / _UNMAP it asked for
+
+    def wants(self, feature: int) -> bool:
+        """Whether this uffd asked for the non-cooperative event ``feature``."""
+        return bool(self.events & feature)
 
     def __repr__(self) -> str:
         return f"<uffd {self.name}>"
@@ -160,11 +190,12 @@ class UffdMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.kernel = vmemu.Kernel()
+        self.kernel.set_nr_hugepages(2 * W)
         p = self.p = self.kernel.spawn("uffd-model")
         fd = self.fd = p.memfd_create("uffd-model")
         p.ftruncate(fd, W * PAGE_SIZE)
-        res = p.mmap(0, 8 << 20, RW, MAP_PRIVATE | MAP_ANONYMOUS)
-        p.munmap(res, 8 << 20)
+        res = p.mmap(0, 32 << 20, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+        p.munmap(res, 32 << 20)
         base = self.base = (res + (2 << 20) - 1) & ~((2 << 20) - 1)
         # S in one 16-page fault-around window
         self.S = p.mmap(base + 32 * PAGE_SIZE, W * PAGE_SIZE, RW, MAP_SHARED | MAP_FIXED, fd, 0)
@@ -176,9 +207,18 @@ class UffdMachine(RuleBasedStateMachine):
         self.M = base + 20 * PAGE_SIZE
         p.mmap(self.srcbuf, 2 * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
         p.mmap(self.M, 2 * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+        hfd = self.hfd = p.memfd_create("uffd-model-huge", MFD_HUGETLB)
+        p.ftruncate(hfd, W * HPAGE)
+        self.H = p.mmap(base + HPAGE, W * HPAGE, RW, MAP_SHARED | MAP_FIXED, hfd, 0)
+        self.H2 = p.mmap(base + 5 * HPAGE, W * HPAGE, RW, MAP_SHARED | MAP_FIXED, hfd, 0)
+        self.hsrc = base + 9 * HPAGE
+        self.hhole = base + 11 * HPAGE
+        p.mmap(self.hsrc, 2 * HPAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
         self.a = [Slot() for _ in range(W)]
         self.s = [Slot() for _ in range(W)]
-        self.cache: list[int | None] = [None] * W
+        self.h = [Slot() for _ in range(W)]
+        self.cache: list[int | None] = [None] * W  # S's page cache
+        self.caches: dict[str, list[int | None]] = {"S": self.cache, "H": [None] * W}
         self.m: list[Pte] = [Pte() for _ in range(2)]
         self.n_uffds = 0
         self.tick = 0
@@ -193,18 +233,24 @@ class UffdMachine(RuleBasedStateMachine):
     # -- helpers -------------------------------------------------------------------
 
     def area(self, which: str) -> tuple[int, list[Slot]]:
-        return (self.A, self.a) if which == "A" else (self.S, self.s)
+        return {"A": (self.A, self.a), "S": (self.S, self.s), "H": (self.H, self.h)}[which]
+
+    @staticmethod
+    def psz(which: str) -> int:
+        """The page size of an area."""
+        return HPAGE if which == "H" else PAGE_SIZE
 
     def same_vma(self, which: str, start: int, n: int) -> bool:
         """Whether ``[start, start+n)`` is in one VMA (vmemu's layout, checked by the model)."""
         base, slots = self.area(which)
-        addr = base + start * PAGE_SIZE
+        ps = self.psz(which)
+        addr = base + start * ps
         vma = self.p.mm.vmas.vma_lookup(addr)
         if vma is None:
             assert not slots[start].mapped
             return False
         assert slots[start].mapped
-        one = addr + n * PAGE_SIZE <= vma.vm_end
+        one = addr + n * ps <= vma.vm_end
         if one:  # the model must agree the pages can share a VMA
             for i in range(start + 1, start + n):
                 assert slots[i].mapped and slots[i].ctx is slots[start].ctx \
@@ -224,8 +270,10 @@ class UffdMachine(RuleBasedStateMachine):
         if pte.kind == POISON:
             return "SIGBUS"  # handle_pte_marker: PTE_MARKER_POISONED -> VM_FAULT_HWPOISON
         wp_reg = bool(slot.mode & WP)
-        if pte.kind == WPMARK and not wp_reg:
+        if pte.kind == WPMARK and not wp_reg and which != "H":
             pte.kind = NONE  # a leftover marker is cleared (pte_marker_clear), then refaults
+        if which == "H":
+            return self.model_touch_hugetlb(slot, i, write, v, wp_reg, wflag)
         if which == "A":
             if pte.kind in (NONE, WPMARK):
                 if slot.mode & MISSING:
@@ -277,6 +325,47 @@ class UffdMachine(RuleBasedStateMachine):
         self.cache[i] = v
         return v
 
+    def model_touch_hugetlb(self, slot: Slot, i: int, write: bool, v: int, wp_reg: bool,
+                            wflag: int) -> int:
+        """``hugetlb_fault``: no fault-around, and ``hugetlb_no_page`` maps the page uffd-wp
+        over any uffd-wp marker, registered for WP or not; a write to a uffd-wp entry faults
+        into a WP registration (without one 6.18 retries for ever: the rules never do it)."""
+        pte, cache = slot.pte, self.caches["H"]
+        if pte.kind in (NONE, WPMARK):
+            if cache[i] is None:
+                if slot.mode & MISSING:
+                    raise Fault(wflag)
+            elif slot.mode & MINOR:
+                raise Fault(wflag | uapi.UFFD_PAGEFAULT_FLAG_MINOR)
+            if cache[i] is None:
+                cache[i] = 0
+            marker = pte.kind == WPMARK
+            slot.pte = Pte(PAGE, wp=marker)
+            if not write:
+                return cache[i]  # type: ignore[return-value]
+            if marker:
+                assert wp_reg, "a write that livelocks on 6.18"
+                raise Fault(wflag | uapi.UFFD_PAGEFAULT_FLAG_WP)
+            cache[i] = v
+            return v
+        if not write:
+            return cache[i]  # type: ignore[return-value]
+        if pte.wp and not pte.writable:
+            assert wp_reg, "a write that livelocks on 6.18"
+            raise Fault(wflag | uapi.UFFD_PAGEFAULT_FLAG_WP)
+        cache[i] = v
+        return v
+
+    def h_write_livelocks(self, which: str, i: int, write: bool) -> bool:
+        """A write to a hugetlb page whose entry (or marker) is uffd-wp while the VMA is not
+        registered for WP: ``hugetlb_wp`` returns at once for a uffd-wp entry, so on 6.18
+        the fault repeats for ever (vmemu makes it writable instead); the rules skip it."""
+        if which != "H" or not write:
+            return False
+        s = self.h[i]
+        return s.mapped and s.pte.wp_bit() and not s.pte.writable and not s.mode & WP \
+            and s.pte.kind != POISON
+
     def fault_around(self, i: int) -> None:
         """``do_fault_around``: a read fault on S maps every cached page of its VMA (all in
         the 16-page window) whose PTE is none; markers and present pages stay."""
@@ -306,25 +395,36 @@ class UffdMachine(RuleBasedStateMachine):
         return u
 
     @initialize(target=uffds, mode=st.sampled_from([0, MISSING, MINOR, MINOR | WP, MISSING | WP]),
-                event_fork=st.booleans())
-    def open_blocking(self, mode: int, event_fork: bool) -> Uffd:
-        """The blocking uffd, with S registered in ``mode``."""
-        u = self._open(False, event_fork)
+                event_fork=st.booleans(),
+                events=st.sets(st.sampled_from([REMAP_EV, REMOVE_EV, UNMAP_EV])).map(sum),
+                a_mode=st.sampled_from([0, MISSING, WP, MISSING | WP]),
+                h_mode=st.sampled_from([0, MISSING, MISSING | WP, MINOR, WP]))
+    def open_blocking(self, mode: int, event_fork: bool, events: int, a_mode: int,
+                      h_mode: int) -> Uffd:
+        """The blocking uffd, with S registered in ``mode``, H in ``h_mode`` and the pages
+        of A the SIGBUS uffd left free in ``a_mode`` (so that mm changes meet its events)."""
+        u = self._open(False, event_fork, events)
         if mode:
             self.register(u, "S", 0, W, mode)
+        if h_mode:
+            self.register(u, "H", 0, W, h_mode)
+        if a_mode:
+            for i in range(W):
+                self.register(u, "A", i, 1, a_mode)
         return u
 
-    def _open(self, sigbus: bool, event_fork: bool) -> Uffd:
+    def _open(self, sigbus: bool, event_fork: bool, events: int = 0) -> Uffd:
         obj = self.p.userfaultfd(uapi.O_NONBLOCK | uapi.O_CLOEXEC)
         obj.api(FEATURES | (uapi.UFFD_FEATURE_SIGBUS if sigbus else 0)
-                | (uapi.UFFD_FEATURE_EVENT_FORK if event_fork else 0))
+                | (uapi.UFFD_FEATURE_EVENT_FORK if event_fork else 0) | events)
         self.n_uffds += 1
-        name = f"u{self.n_uffds}{'-sigbus' if sigbus else ''}{'-fork' if event_fork else ''}"
-        return Uffd(name, obj, sigbus, event_fork)
+        name = f"u{self.n_uffds}{'-sigbus' if sigbus else ''}{'-fork' if event_fork else ''}" \
+            + (f"-ev{events:#x}" if events else "")
+        return Uffd(name, obj, sigbus, event_fork, events)
 
     pages = st.integers(0, W - 1)
     npages = st.integers(1, 2)
-    areas = st.sampled_from(["A", "S"])
+    areas = st.sampled_from(["A", "S", "H"])
 
     @rule(u=uffds, which=areas, start=pages, n=npages,
           mode=st.sampled_from([MISSING, WP, MISSING | WP, MINOR, MINOR | WP, MISSING | MINOR]))
@@ -332,8 +432,9 @@ class UffdMachine(RuleBasedStateMachine):
         """UFFDIO_REGISTER: per VMA in address order, the type (EINVAL) then the owner (EBUSY)."""
         n = min(n, W - start)
         base, slots = self.area(which)
+        ps = self.psz(which)
         rng = slots[start:start + n]
-        call = lambda: u.obj.register(base + start * PAGE_SIZE, n * PAGE_SIZE, mode)  # noqa: E731
+        call = lambda: u.obj.register(base + start * ps, n * ps, mode)  # noqa: E731
         if not any(s.mapped for s in rng):
             return _expect_oserror("register", call, errno.EINVAL)
         for s in rng:
@@ -344,10 +445,11 @@ class UffdMachine(RuleBasedStateMachine):
             if s.ctx is not None and s.ctx is not u:
                 return _expect_oserror("register", call, errno.EBUSY)
         ioctls = call()
-        event("register: ok")
+        event(f"register {which}: ok")
         assert ioctls & (1 << uapi._UFFDIO_WAKE)
         assert bool(ioctls & (1 << uapi._UFFDIO_WRITEPROTECT)) == bool(mode & WP)
         assert bool(ioctls & (1 << uapi._UFFDIO_CONTINUE)) == bool(mode & MINOR)
+        assert bool(ioctls & (1 << uapi._UFFDIO_ZEROPAGE)) == (which != "H")  # BASIC on hugetlb
         for s in rng:
             if not s.mapped:
                 continue
@@ -361,7 +463,8 @@ class UffdMachine(RuleBasedStateMachine):
         n = min(n, W - start)
         base, slots = self.area(which)
         rng = slots[start:start + n]
-        call = lambda: u.obj.unregister(base + start * PAGE_SIZE, n * PAGE_SIZE)  # noqa: E731
+        ps = self.psz(which)
+        call = lambda: u.obj.unregister(base + start * ps, n * ps)  # noqa: E731
         if not any(s.mapped for s in rng):
             return _expect_oserror("unregister", call, errno.EINVAL)
         if any(s.mapped and s.ctx is not None and s.ctx is not u for s in rng):
@@ -381,13 +484,17 @@ class UffdMachine(RuleBasedStateMachine):
                src: str = "buf") -> None:
         n = min(n, W - start)
         base, slots = self.area(which)
-        dst = base + start * PAGE_SIZE
-        length = n * PAGE_SIZE
+        ps = self.psz(which)
+        dst = base + start * ps
+        length = n * ps
         field = {"copy": "copy", "zeropage": "zeropage", "continue": "mapped",
                  "poison": "updated"}[op]
+        srcbuf, hole = (self.hsrc, self.hhole) if which == "H" else (self.srcbuf, self.hole)
         for k in range(2):  # page k of the source fills page start+k
-            self.p.write_u64(self.srcbuf + k * PAGE_SIZE, v + k)
-        src_addr = {"buf": self.srcbuf, "half": self.srcbuf + PAGE_SIZE, "hole": self.hole}[src]
+            self.p.write_u64(srcbuf + k * ps, v + k)
+        src_addr = {"buf": srcbuf, "half": srcbuf + ps, "hole": hole}[src]
+
+        tag = op if which != "H" else f"{op} H"
 
         def call() -> int:
             if op == "copy":
@@ -402,11 +509,13 @@ class UffdMachine(RuleBasedStateMachine):
 
         # mfill_atomic: one VMA registered with any uffd of this mm (ENOENT), then the mode
         if not self.same_vma(which, start, n) or slots[start].ctx is None:
-            return _expect_oserror(op, call, errno.ENOENT)
+            return _expect_oserror(tag, call, errno.ENOENT)
         if wp and not slots[start].mode & WP:
-            return _expect_oserror(op, call, errno.EINVAL)
+            return _expect_oserror(tag, call, errno.EINVAL)
         if op == "continue" and which == "A":
-            return _expect_oserror(op, call, errno.EINVAL)
+            return _expect_oserror(tag, call, errno.EINVAL)
+        if op == "zeropage" and which == "H":
+            return _expect_oserror(tag, call, errno.EINVAL)  # no huge zero page for hugetlb
         done, err = 0, 0
         for k in range(n):
             src_ok = src == "buf" or (src == "half" and k == 0)
@@ -415,17 +524,27 @@ class UffdMachine(RuleBasedStateMachine):
                 break
             done += 1
         if err and not done:
-            return _expect_oserror(op, call, err, field, -err)
+            return _expect_oserror(tag, call, err, field, -err)
         if err:
-            return _expect_oserror(op, call, errno.EAGAIN, field, done * PAGE_SIZE)
+            return _expect_oserror(tag, call, errno.EAGAIN, field, done * ps)
         assert call() == length
-        event(f"{op}: ok")
+        event(f"{tag}: ok")
 
     def _mfill_page(self, op: str, which: str, i: int, wp: bool, v: int, src_ok: bool) -> int:
         """One page of mfill_atomic: 0 or the errno it fails with; the model advances on 0."""
         slot = self.area(which)[1][i]
         pte = slot.pte
         none_mostly = pte.kind in (NONE, WPMARK, POISON)
+        if op == "copy" and which == "H":
+            # mfill_atomic_hugetlb checks the PTE, hugetlb_mfill_atomic_pte the page cache,
+            # and only then copy_folio_from_user reads the source
+            if not none_mostly or self.caches["H"][i] is not None:
+                return errno.EEXIST
+            if not src_ok:
+                return errno.EFAULT
+            self.caches["H"][i] = v
+            slot.pte = Pte(PAGE, wp=wp)
+            return 0
         if op == "copy" and not src_ok:
             return errno.EFAULT  # copy_from_user of the source comes before the PTE checks
         if op == "poison":
@@ -444,7 +563,7 @@ class UffdMachine(RuleBasedStateMachine):
             slot.pte = Pte(PAGE, wp=wp, val=v)
             return 0
         if op == "continue":
-            if self.cache[i] is None:
+            if self.caches[which][i] is None:
                 return errno.EFAULT
             if not none_mostly:
                 return errno.EEXIST
@@ -481,8 +600,9 @@ class UffdMachine(RuleBasedStateMachine):
         n = min(n, W - start)
         base, slots = self.area(which)
         rng = slots[start:start + n]
+        ps = self.psz(which)
         call = lambda: u.obj.writeprotect(  # noqa: E731
-            base + start * PAGE_SIZE, n * PAGE_SIZE,
+            base + start * ps, n * ps,
             uapi.UFFDIO_WRITEPROTECT_MODE_WP if enable else 0)
         mapped = [s for s in rng if s.mapped]
         todo, err = [], errno.ENOENT if not mapped else 0
@@ -545,6 +665,8 @@ class UffdMachine(RuleBasedStateMachine):
         slot = self.area(which)[1][i]
         if slot.ctx is not None and not slot.ctx.sigbus:
             return  # would block: the threaded rule does those
+        if self.h_write_livelocks(which, i, write):
+            return event("touch: skipped, a 6.18 livelock")
         base = self.area(which)[0]
         v = self.value()
         try:
@@ -552,7 +674,7 @@ class UffdMachine(RuleBasedStateMachine):
         except Fault:
             want = "SIGBUS"
         try:
-            got: Any = self.do_access(self.p.main, base + i * PAGE_SIZE, write, v)
+            got: Any = self.do_access(self.p.main, base + i * self.psz(which), write, v)
         except Sigsegv:
             got = "SIGSEGV"
         except Sigbus:
@@ -567,8 +689,10 @@ class UffdMachine(RuleBasedStateMachine):
         u = slot.ctx
         if u is None or u.sigbus or not slot.mapped:
             return
+        if self.h_write_livelocks(which, i, write):
+            return event("touch_blocking: skipped, a 6.18 livelock")
         base = self.area(which)[0]
-        addr = base + i * PAGE_SIZE
+        addr = base + i * self.psz(which)
         v = self.value()
         handle = self.p.spawn(lambda t: self.do_access(t, addr, write, v), name="toucher")
         faults = 0
@@ -598,40 +722,43 @@ class UffdMachine(RuleBasedStateMachine):
 
     def _resolve(self, u: Uffd, which: str, i: int, flags: int, wp_copy: bool) -> None:
         base, slots = self.area(which)
-        addr = base + i * PAGE_SIZE
+        ps = self.psz(which)
+        addr = base + i * ps
         if flags & uapi.UFFD_PAGEFAULT_FLAG_WP:
-            u.obj.writeprotect(addr, PAGE_SIZE, 0)
+            u.obj.writeprotect(addr, ps, 0)
             slots[i].pte.wp = False
             if slots[i].pte.kind == WPMARK:
                 slots[i].pte.kind = NONE
         elif flags & uapi.UFFD_PAGEFAULT_FLAG_MINOR:
             wp = wp_copy and bool(slots[i].mode & WP)
-            u.obj.continue_(addr, PAGE_SIZE, uapi.UFFDIO_CONTINUE_MODE_WP if wp else 0)
+            u.obj.continue_(addr, ps, uapi.UFFDIO_CONTINUE_MODE_WP if wp else 0)
             slots[i].pte = Pte(PAGE, wp=wp)
         else:
             v = self.value()
             wp = wp_copy and bool(slots[i].mode & WP)
-            self.p.write_u64(self.srcbuf, v)
-            u.obj.copy(addr, self.srcbuf, PAGE_SIZE, uapi.UFFDIO_COPY_MODE_WP if wp else 0)
-            if which == "S":
-                self.cache[i] = v
+            srcbuf = self.hsrc if which == "H" else self.srcbuf
+            self.p.write_u64(srcbuf, v)
+            u.obj.copy(addr, srcbuf, ps, uapi.UFFDIO_COPY_MODE_WP if wp else 0)
+            if which != "A":
+                self.caches[which][i] = v
                 slots[i].pte = Pte(PAGE, wp=wp)
             else:
                 slots[i].pte = Pte(PAGE, wp=wp, val=v)
 
-    @rule(i=pages, write=st.booleans())
-    def touch_alias(self, i: int, write: bool) -> None:
+    @rule(which=st.sampled_from(["S", "H"]), i=pages, write=st.booleans())
+    def touch_alias(self, which: str, i: int, write: bool) -> None:
         """Read or write the memfd page through the never-registered alias."""
-        addr = self.S2 + i * PAGE_SIZE
+        addr = (self.S2 if which == "S" else self.H2) + i * self.psz(which)
+        cache = self.caches[which]
         if write:
             v = self.value()
             self.p.write_u64(addr, v)
-            self.cache[i] = v
+            cache[i] = v
         else:
             got = self.p.read_u64(addr)
-            if self.cache[i] is None:
-                self.cache[i] = 0
-            assert got == self.cache[i]
+            if cache[i] is None:
+                cache[i] = 0
+            assert got == cache[i]
 
     @rule(u=uffds)
     def read(self, u: Uffd) -> None:
@@ -646,22 +773,33 @@ class UffdMachine(RuleBasedStateMachine):
     def madvise(self, which: str, start: int, n: int, advice: int) -> None:
         """MADV_DONTNEED zaps (anon: everything; file: a uffd-wp page leaves a marker, markers
         stay, poison goes); MADV_REMOVE punches the shmem hole (zap without dropping poison);
-        MADV_FREE on anon only drops poison here (no reclaim). Holes: ENOMEM after the rest."""
+        MADV_FREE on anon only drops poison here (no reclaim). Holes: ENOMEM after the rest.
+        hugetlb: MADV_FREE is EINVAL at once; a zap leaves a marker for any uffd-wp page and
+        drops poison, MADV_REMOVE's included."""
         n = min(n, W - start)
         base, slots = self.area(which)
+        ps = self.psz(which)
         rng = slots[start:start + n]
         name = {MADV_DONTNEED: "dontneed", MADV_REMOVE: "remove", MADV_FREE: "free"}[advice]
-        call = lambda: self.p.madvise(base + start * PAGE_SIZE, n * PAGE_SIZE,  # noqa: E731
-                                      advice)
-        file = which == "S"
-        if advice != MADV_DONTNEED and any(s.mapped for s in rng) \
-                and (advice == MADV_REMOVE) != file:
-            return _expect_oserror(name, call, errno.EINVAL)  # REMOVE wants a file, FREE anon
-        if not all(s.mapped for s in rng):
-            _expect_oserror(name, call, errno.ENOMEM)  # the mapped parts are still done
-        else:
-            call()
-            event(f"{name}: ok")
+        call = lambda: self.p.madvise(base + start * ps, n * ps, advice)  # noqa: E731
+        file = which != "A"
+        runs = self._vma_runs(which, start, n)
+        removes = [(u, "REMOVE", base + lo * ps, base + hi * ps)
+                   for u, lo, hi in runs if u is not None and u.wants(REMOVE_EV)]
+        if advice == MADV_REMOVE and not file and runs:
+            return _expect_oserror(name, call, errno.EINVAL)  # madvise_remove wants a file
+        if advice == MADV_FREE and which == "H":
+            return _expect_oserror(name, call, errno.EINVAL)  # ..._valid_vma: DONTNEED only
+        if advice == MADV_FREE and file and runs:
+            # madvise_dontneed_free raises REMOVE for the first VMA, then
+            # madvise_free_single_vma refuses a VMA that is not anonymous
+            u0, lo, hi = runs[0]
+            first = [(u0, "REMOVE", base + lo * ps, base + hi * ps)] \
+                if u0 is not None and u0.wants(REMOVE_EV) else []
+            return self._syscall(name, call, first, errno.EINVAL)
+        # one REMOVE per VMA (clipped to the range) before its pages go; holes: ENOMEM after
+        err = 0 if all(s.mapped for s in rng) else errno.ENOMEM
+        self._syscall(name, call, removes, err)
         for k, s in enumerate(rng):
             if not s.mapped:
                 continue
@@ -671,23 +809,38 @@ class UffdMachine(RuleBasedStateMachine):
                     s.pte = Pte()
             elif not file:
                 s.pte = Pte()
+            elif which == "H":  # __unmap_hugepage_range without ZAP_FLAG_DROP_MARKER
+                if pte.kind == PAGE:
+                    s.pte = Pte(WPMARK) if pte.wp else Pte()
+                elif pte.kind == POISON:
+                    s.pte = Pte()
             elif pte.kind == PAGE:  # zap_install_uffd_wp_if_needed (the VMA is WP: wp set)
                 s.pte = Pte(WPMARK) if pte.wp and s.mode & WP else Pte()
             elif pte.kind == POISON and advice == MADV_DONTNEED:
                 s.pte = Pte()
             if advice == MADV_REMOVE:
-                self.cache[start + k] = None
+                self.caches[which][start + k] = None
+
+    def _unmaps(self, i: int) -> list[tuple[Any, ...]]:
+        """The UNMAP event unmapping A[i] raises (``userfaultfd_unmap_prep``), if any."""
+        s = self.a[i]
+        if s.mapped and s.ctx is not None and s.ctx.wants(UNMAP_EV):
+            return [(s.ctx, "UNMAP", self.A + i * PAGE_SIZE, self.A + (i + 1) * PAGE_SIZE)]
+        return []
 
     @rule(i=pages)
     def munmap(self, i: int) -> None:
-        self.p.munmap(self.A + i * PAGE_SIZE, PAGE_SIZE)
+        self._syscall("munmap", lambda: self.p.munmap(self.A + i * PAGE_SIZE, PAGE_SIZE),
+                      self._unmaps(i))
         self.a[i] = Slot(mapped=False)
 
     @rule(i=pages)
     def mmap_fixed(self, i: int) -> None:
         """A fresh anon page at A[i], over whatever was there (MAP_FIXED unmaps it first)."""
-        self.p.mmap(self.A + i * PAGE_SIZE, PAGE_SIZE, RW,
-                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+        got = self._syscall("mmap", lambda: self.p.mmap(self.A + i * PAGE_SIZE, PAGE_SIZE, RW,
+                                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED),
+                            self._unmaps(i))
+        assert got == self.A + i * PAGE_SIZE
         self.a[i] = Slot()
 
     @rule(i=pages, j=pages)
@@ -701,15 +854,25 @@ class UffdMachine(RuleBasedStateMachine):
             return _expect_oserror("mremap", call, errno.EINVAL)  # the ranges overlap
         if not src.mapped:
             return _expect_oserror("mremap", call, errno.EFAULT)  # no VMA at old_addr
-        assert call() == self.A + j * PAGE_SIZE
+        # notify_uffd: the destination's UNMAP (uf_unmap_early), REMAP, the source's UNMAP
+        events = self._unmaps(j)
+        remap = src.ctx is not None and src.ctx.wants(REMAP_EV)
+        if remap:
+            events.append((src.ctx, "REMAP", self.A + i * PAGE_SIZE, self.A + j * PAGE_SIZE,
+                           PAGE_SIZE))
+        events += self._unmaps(i)
+        assert self._syscall("mremap", call, events) == self.A + j * PAGE_SIZE
         event("mremap: ok")
         pte = src.pte
+        self.a[i] = Slot(mapped=False)
+        if remap:  # mremap_userfaultfd_prep keeps the registration, move_ptes the uffd-wp state
+            self.a[j] = Slot(ctx=src.ctx, mode=src.mode, pte=pte)
+            return
         if src.ctx is not None:
             pte.wp = pte.writable = False
             if pte.kind == WPMARK:
                 pte.kind = NONE
         self.a[j] = Slot(pte=pte)
-        self.a[i] = Slot(mapped=False)
         if src.ctx is not None:
             # copy_vma merges the new VMA with a neighbour of the same registration when the
             # pgoffs fit (always when the source never had an anon_vma) - the source VMA
@@ -726,11 +889,65 @@ class UffdMachine(RuleBasedStateMachine):
                         event("mremap: a merged neighbour lost its registration")
                         s.ctx, s.mode = None, 0
 
+    # -- non-cooperative events ------------------------------------------------------
+
+    def _vma_runs(self, which: str, start: int, n: int) -> list[tuple[Any, int, int]]:
+        """The mapped pages of ``[start, start+n)`` grouped by VMA (vmemu's layout, as
+        ``same_vma``): (uffd, first, end) for each, in address order."""
+        base, slots = self.area(which)
+        runs: list[tuple[Any, int, int]] = []
+        last = None
+        for k in range(start, start + n):
+            if not slots[k].mapped:
+                last = None
+                continue
+            vma = self.p.mm.vmas.vma_lookup(base + k * self.psz(which))
+            if vma is last:
+                u, lo, _ = runs[-1]
+                runs[-1] = (u, lo, k + 1)
+            else:
+                runs.append((slots[k].ctx, k, k + 1))
+            last = vma
+        return runs
+
+    @staticmethod
+    def _msg(u: Uffd, msg: Any) -> tuple[Any, ...]:
+        if isinstance(msg, uapi.RemapMsg):
+            return (u, "REMAP", msg.from_, msg.to, msg.len)
+        if isinstance(msg, uapi.RemoveMsg):
+            return (u, "REMOVE", msg.start, msg.end)
+        if isinstance(msg, uapi.UnmapMsg):
+            return (u, "UNMAP", msg.start, msg.end)
+        return (u, type(msg).__name__)
+
+    def _syscall(self, what: str, call: Callable[[], Any], events: list[tuple[Any, ...]],
+                 err: int = 0) -> Any:
+        """Run an mm syscall the model says raises ``events`` ((uffd, kind, payload...), in
+        order) and ends in ``err`` (0: success, its value returned). With events it runs on
+        a task that blocks on each until the test, its monitor, has probed mmap_changing
+        and read it."""
+        if not events:
+            if err:
+                return _expect_oserror(what, call, err)
+            return call()
+        handle = self.p.spawn(lambda t: call(), name=what)
+        for k, want in enumerate(events):
+            u = want[0]
+            assert u.obj.poll(select.POLLIN, int(JOIN_S * 1000)) == select.POLLIN, \
+                f"{what}: no {want[1]} event (#{k})"
+            self._mmap_changing(u, ("copy", "zeropage", "writeprotect")[k % 3])
+            msgs = [self._msg(u, m) for m in u.obj.read_msgs(uapi.UFFD_MSG_SIZE * 4)]
+            assert msgs == [want], f"{what}: messages {msgs}, model says {want}"
+        event(f"{what}: events {'+'.join(e[1] for e in events)}")
+        if err:
+            return _expect_oserror(what, lambda: handle.join(JOIN_S), err)
+        return handle.join(JOIN_S)
+
     # -- fork ------------------------------------------------------------------------
 
     def _fork_event_ctx(self) -> Uffd | None:
         """The uffd whose registrations raise UFFD_EVENT_FORK at fork, if any."""
-        for s in self.a + self.s:
+        for s in self.a + self.s + self.h:
             if s.mapped and s.ctx is not None and s.ctx.event_fork:
                 return s.ctx  # type: ignore[no-any-return]
         return None
@@ -787,12 +1004,12 @@ class UffdMachine(RuleBasedStateMachine):
 
     def _check_child(self, child: Any, ev: Uffd | None, child_uffd: Any) -> None:
         """The child's registrations and uffd-wp bits (pagemap bit 57)."""
-        for which in ("A", "S"):
+        for which in ("A", "S", "H"):
             base, slots = self.area(which)
             for i, s in enumerate(slots):
                 if not s.mapped:
                     continue
-                addr = base + i * PAGE_SIZE
+                addr = base + i * self.psz(which)
                 vma = child.mm.vmas.vma_lookup(addr)
                 assert vma is not None
                 keep = self._child_keeps(s, ev)
@@ -804,12 +1021,12 @@ class UffdMachine(RuleBasedStateMachine):
 
     def _child_reads(self, child: Any, ev: Uffd | None) -> None:
         """What the child reads once it has no registration left."""
-        for which in ("A", "S"):
+        for which in ("A", "S", "H"):
             base, slots = self.area(which)
             for i, s in enumerate(slots):
                 if not s.mapped:
                     continue
-                addr = base + i * PAGE_SIZE
+                addr = base + i * self.psz(which)
                 # anon: the VMA's page tables are copied (it has an anon_vma: mfill gave it one);
                 # shmem: only when the child VMA is uffd-wp registered (vma_needs_copy)
                 copied = which == "A" or (self._child_keeps(s, ev) and bool(s.mode & WP))
@@ -818,9 +1035,10 @@ class UffdMachine(RuleBasedStateMachine):
                 elif which == "A":
                     want = s.pte.val if s.pte.kind == PAGE else 0
                 else:
-                    if self.cache[i] is None:
-                        self.cache[i] = 0
-                    want = self.cache[i]
+                    cache = self.caches[which]
+                    if cache[i] is None:
+                        cache[i] = 0
+                    want = cache[i]
                 try:
                     got: Any = child.read_u64(addr)
                 except Sigbus:
@@ -836,14 +1054,15 @@ class UffdMachine(RuleBasedStateMachine):
     @invariant()
     def ptes_match(self) -> None:
         """Every page the model says is present has a PTE; pagemap's uffd-wp bit is the model's."""
-        for which in ("A", "S"):
+        for which in ("A", "S", "H"):
             base, slots = self.area(which)
             for i, s in enumerate(slots):
                 if not s.mapped:
                     continue
-                addr = base + i * PAGE_SIZE
+                addr = base + i * self.psz(which)
                 if s.pte.kind in (ZERO, PAGE):
-                    assert self.p.mm.pgtables.get_pte(addr), \
+                    assert (self.p.pagemap(addr) & PM_PRESENT if which == "H"
+                            else self.p.mm.pgtables.get_pte(addr)), \
                         f"{which}{i}: model has a {s.pte.kind}, the PTE is empty"
                 assert bool(self.p.pagemap(addr) & PM_UFFD_WP) == s.pte.wp_bit(), \
                     f"{which}{i}: pagemap uffd-wp differs from the model's {s.pte}"

@@ -751,7 +751,9 @@ def hugetlb_no_page(mm: MmStruct, vmf: VmFaultInfo, h: HState, hidx: int) -> VmF
     if hidx >= inode.nr_huge_size:
         return VmFault.SIGBUS
     write = bool(vmf.flags & FAULT_FLAG_WRITE)
-    uffd_wp = vma.vm_flags & VM_UFFD_WP and is_uffd_wp_marker(vmf.orig_pte)
+    # any uffd-wp marker, the VMA registered for WP or not (a marker left by an earlier
+    # registration): hugetlb_no_page checks only pte_marker_uffd_wp(vmf->orig_pte)
+    uffd_wp = is_uffd_wp_marker(vmf.orig_pte)
     folio = inode.huge.get(hidx)
     if folio is None:
         if vma.vm_flags & VM_UFFD_MISSING:
@@ -773,7 +775,7 @@ def hugetlb_no_page(mm: MmStruct, vmf: VmFaultInfo, h: HState, hidx: int) -> VmF
             if uffd_wp:  # keep a wr-protected entry protected once populated
                 entry = (entry | _PAGE_UFFD_WP) & ~_PAGE_RW
             _map_folio(mm, vma, vmf.address, folio, entry)
-            if write and uffd_wp:
+            if write and uffd_wp and vma.vm_flags & VM_UFFD_WP:
                 return handle_userfault(vmf, VM_UFFD_WP)
             return VmFault.NONE
     elif folio.test(PG.hwpoison):  # poisoned while this mapping had no entry for it

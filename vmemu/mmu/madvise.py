@@ -171,7 +171,9 @@ def _dontneed(mm: MmStruct, vma: Vma, start: int, end: int, advice: int) -> None
             return
     if mm.userfaultfd_remove(vma, start, end):
         vma, end = _relookup(mm, start, end)
-    keep_wp = vma.vm_file is not None and bool(vma.vm_flags & VM_UFFD_WP)
+    # shmem arms a marker only in a uffd-wp VMA (pte_install_uffd_wp_if_needed); hugetlb's
+    # __unmap_hugepage_range keeps any uffd-wp state as a marker, whatever the registration
+    keep_wp = vma.vm_file is not None and bool(vma.vm_flags & (VM_UFFD_WP | VM_HUGETLB))
     zap_page_range(mm, vma, start, end, keep_wp, drop_markers=vma.vm_file is None)
     _reclaim_pt(mm, start, end)
 
