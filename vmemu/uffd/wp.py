@@ -361,7 +361,7 @@ def pagemap_scan(ctx: Userfaultfd, start: int, end: int, flags: int = 0) -> list
                 if not pte & _PAGE_UFFD_WP:
                     cats |= PAGE_IS_WRITTEN
             elif is_uffd_wp_marker(pte):
-                pass
+                cats |= PAGE_IS_SWAPPED  # a pte marker is a swap-format entry (is_swap_pte)
             elif pte:
                 cats |= PAGE_IS_SWAPPED
                 if not pte & _PAGE_SWP_UFFD_WP:
