@@ -520,6 +520,39 @@ def _mmap_changing_expected(kind: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def _move_not_anon(p: object, area: Area) -> list[tuple[str, int, int]]:
+    """UFFDIO_MOVE wants private anonymous VMAs on both sides (``move_pages``: a shared,
+    file or hugetlb VMA is EINVAL, -EINVAL in ``move``): the uffd-unit-tests table runs
+    MOVE on anon only; what the other memory types give is asserted here instead."""
+    u = open_uffd(p, uapi.UFFD_FEATURE_MOVE)  # type: ignore[arg-type]
+    u.register(area.dst, area.size, MISSING)
+    anon = p.mmap(0, 2 * HPAGE, PROT_READ | PROT_WRITE,  # type: ignore[attr-defined]
+                  MAP_PRIVATE | MAP_ANONYMOUS)
+    p.write(anon, b"a")  # type: ignore[attr-defined]
+    out = []
+    for name, dst, src in (("into", area.dst, anon), ("out of", anon, area.dst)):
+        if name == "out of":
+            u.register(anon, 2 * HPAGE, MISSING)
+            p.madvise(anon, 2 * HPAGE, MADV_DONTNEED)  # type: ignore[attr-defined]
+        try:
+            u.move(dst, src, PAGE_SIZE)
+            out.append((name, 0, 0))
+        except OSError as e:
+            out.append((name, e.errno or 0, e.struct.move))  # type: ignore[attr-defined]
+    u.close()
+    p.munmap(anon, 2 * HPAGE)  # type: ignore[attr-defined]
+    return out
+
+
+@pytest.mark.parametrize("kind", FILE_TYPES)
+def test_move_not_anon(kind: str) -> None:
+    p, area = setup(kind, 2)
+    p.write(area.alias, b"f")  # type: ignore[arg-type]
+    p.read(area.dst, 1)  # the file page mapped at dst: a MOVE source that is present
+    assert _move_not_anon(p, area) == [(n, errno.EINVAL, -errno.EINVAL) for n in ("into", "out of")]
+    p.check()
+
+
 @pytest.mark.parametrize("kind", MEM_TYPES)
 def test_mmap_changing(kind: str) -> None:
     """The selftest runs this on shmem only ("the same code paths"); vmemu's paths per
@@ -560,6 +593,25 @@ def test_mmap_changing_on_the_kernel(kind: str) -> None:
     area = make_area(p, kind, 4)  # type: ignore[arg-type]
     try:
         assert _mmap_changing(p, area) == _mmap_changing_expected(kind)
+    finally:
+        p.munmap(area.dst, area.size)  # type: ignore[attr-defined]
+        if area.alias is not None:
+            p.munmap(area.alias, area.size)  # type: ignore[attr-defined]
+        if area.fd is not None:
+            p.close(area.fd)  # type: ignore[attr-defined]
+
+
+@pytest.mark.differential
+@pytest.mark.parametrize("kind", FILE_TYPES)
+def test_move_not_anon_on_the_kernel(kind: str) -> None:
+    """The same on Linux through vmemu.native."""
+    p = _native_or_skip(kind)
+    area = make_area(p, kind, 2)  # type: ignore[arg-type]
+    try:
+        p.write(area.alias, b"f")  # type: ignore[attr-defined]
+        p.read(area.dst, 1)  # type: ignore[attr-defined]
+        assert _move_not_anon(p, area) == [(n, errno.EINVAL, -errno.EINVAL)
+                                            for n in ("into", "out of")]
     finally:
         p.munmap(area.dst, area.size)  # type: ignore[attr-defined]
         if area.alias is not None:
