@@ -104,7 +104,35 @@ def mremap_fixed_over_registered(p: Any) -> Any:
         p.munmap(res, 8 * PAGE_SIZE)
 
 
+def mremap_merged_source(p: Any, with_anon_vma: bool) -> Any:
+    """mremap(FIXED) of a registered page onto its registered neighbour, EVENT_UNMAP without
+    EVENT_REMAP: the destination's UNMAP always; the source's only if its VMA is still
+    registered when the old range goes. An untouched VMA has no anon_vma, so copy_vma merges
+    the new VMA into it and ``mremap_userfaultfd_prep``'s reset unregisters both first."""
+    res = p.mmap(0, 8 * PAGE_SIZE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+    a = p.mmap(res + 2 * PAGE_SIZE, 4 * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    src = p.mmap(0, PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+    u = p.userfaultfd(uapi.O_NONBLOCK | uapi.O_CLOEXEC)
+    u.api(uapi.UFFD_FEATURE_EVENT_UNMAP)
+    for i in range(4):
+        u.register(a + i * PAGE_SIZE, PAGE_SIZE, MISSING)
+    if with_anon_vma:
+        u.copy(a, src, PAGE_SIZE)
+    try:
+        return _monitor(u, a, lambda: p.mremap(a, PAGE_SIZE, PAGE_SIZE,
+                                               MREMAP_MAYMOVE | MREMAP_FIXED, a + PAGE_SIZE) - a)
+    finally:
+        u.close()
+        p.munmap(res, 8 * PAGE_SIZE)
+        p.munmap(src, PAGE_SIZE)
+
+
 SCENARIOS = {
+    "mremap_merged_source": (lambda p: mremap_merged_source(p, False),
+                             (("ok", PAGE_SIZE), [("UNMAP", PAGE_SIZE, 2 * PAGE_SIZE)])),
+    "mremap_unmerged_source": (lambda p: mremap_merged_source(p, True),
+                               (("ok", PAGE_SIZE), [("UNMAP", PAGE_SIZE, 2 * PAGE_SIZE),
+                                                    ("UNMAP", 0, PAGE_SIZE)])),
     "madv_free_on_shmem": (madv_free_on_shmem,
                            (("EINVAL", None), [("REMOVE", 0, 2 * PAGE_SIZE)])),
     "mremap_fixed_over_registered": (mremap_fixed_over_registered,
