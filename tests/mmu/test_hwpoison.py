@@ -298,3 +298,14 @@ def test_inject_steps_over_the_rest_of_a_large_folio(hp):
     with pytest.raises(Sigbus):
         hp.read(a + P, 1)
     assert hp.read(a + 2 * P, 1) == b"t" and hp.read(a + 3 * P, 1) == b"t"
+
+
+def test_madv_free_clears_a_hwpoison_entry(p):
+    """madvise_free_pte_range clears hwpoison entries (and poison markers): the page reads zero."""
+    from vmemu.constants import MADV_FREE
+
+    a = p.mmap(BASE, 2 * P, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    p.write(a, b"w" * (2 * P))
+    assert poison(p, a) is not None
+    p.madvise(a, 2 * P, MADV_FREE)
+    assert p.read(a, 1) == b"\0" and p.read(a + P, 1) == b"w"

@@ -42,12 +42,14 @@ from vmemu.mmu.pgtable import (
     _PAGE_SPECIAL,
     _PAGE_UFFD_WP,
     PTE_PFN_MASK,
+    SWP_HWPOISON,
     UFFD_WP_MARKER,
     is_poisoned_marker,
     is_real_swap_pte,
     pte_swp_clear_exclusive,
     pte_swp_clear_uffd_wp,
     swp_entry_clean,
+    swp_type,
 )
 from vmemu.mmu.tlb import Tlb
 from vmemu.mmu.vma import (
@@ -333,8 +335,8 @@ class MmStruct:
                     if is_real_swap_pte(pte):
                         self.free_swap_pte(pte)
                         table[idx] = 0
-                    elif is_poisoned_marker(pte):
-                        table[idx] = 0  # a UFFDIO_POISON marker goes; a uffd-wp one stays
+                    elif is_poisoned_marker(pte) or swp_type(pte) == SWP_HWPOISON:
+                        table[idx] = 0  # poison markers and hwpoison entries go; uffd-wp stays
                     continue
                 if pte & _PAGE_SPECIAL:
                     continue
