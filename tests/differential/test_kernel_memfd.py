@@ -507,6 +507,25 @@ def hugetlb_memfd(s: Side) -> None:
     s.do("unmap", n)
 
 
+def hugetlb_same_size_truncate(s: Side) -> None:
+    """ftruncate to the same size drops pages fallocated beyond EOF, on hugetlbfs too."""
+    f = s.do("memfd", "huge", MFD_HUGETLB)
+    s.do("ftruncate", f, H)
+    s.do("fallocate", f, FALLOC_FL_KEEP_SIZE, 2 * H, H)
+    s.do("ftruncate", f, H)
+    s.do("ftruncate", f, 3 * H)
+    pm = s.do("map", 3 * H, PROT_READ, MAP_PRIVATE, f)
+    s.do("touch", pm, 2 * H, 4)  # a hole again: the private mapping gets a page of its own
+    m = s.do("map", 3 * H, RW, MAP_SHARED, f)
+    s.do("touch", m, 2 * H, b"s")
+    s.do("touch", pm, 2 * H, 4)  # not the page cache's: the write is not seen
+
+
+@pytest.mark.skipif(_host_free_hugepages() < 6, reason="host 2 MiB hugetlb pool has < 6 free pages")
+def test_hugetlb_same_size_truncate_matches_the_kernel() -> None:
+    run(hugetlb_same_size_truncate, nr_hugepages=6)
+
+
 @pytest.mark.skipif(_host_free_hugepages() < 6, reason="host 2 MiB hugetlb pool has < 6 free pages")
 def test_hugetlb_memfd_matches_the_kernel() -> None:
     run(hugetlb_memfd, nr_hugepages=6)  # the private mapping reserves two pages of its own

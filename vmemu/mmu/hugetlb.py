@@ -379,10 +379,14 @@ class HugetlbInode(ShmemInode):
         return True
 
     def set_size(self, size: int) -> None:
-        """ftruncate (``hugetlbfs_setattr``): EINVAL unless huge-aligned; shrinking drops pages."""
+        """ftruncate (``hugetlbfs_setattr``): EINVAL unless huge-aligned.
+
+        Shrinking, or keeping the size, drops the pages from the new end on:
+        those fallocated beyond EOF go even at the same size (6.18).
+        """
         if size < 0 or size & (self.hstate.size - 1):
             raise_errno(errno.EINVAL)
-        if size < self.i_size:
+        if size <= self.i_size:
             self.remove_from(size // self.hstate.size)
         self.i_size = size
 
