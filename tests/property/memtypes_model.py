@@ -195,10 +195,11 @@ class FileModel:
         """ftruncate: a shrink drops the pages beyond the end and zeroes the last one's tail.
 
         A mapping may write the tail of the last page, beyond ``i_size``; a
-        grow does not zero it, so those bytes show up in ``pread`` (checked
-        on 6.18 for shmem).
+        grow does not zero it, so those bytes show up in ``pread``, while
+        ftruncate to the same size does zero it (both checked on 6.18 for
+        shmem; tests/differential/test_kernel_memfd.py).
         """
-        if size < self.size:
+        if size <= self.size:  # the same size too: shmem_truncate_range(newsize, -1) runs
             first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
             for index in [i for i in self.pages if i >= first]:
                 del self.pages[index]
