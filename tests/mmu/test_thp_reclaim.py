@@ -241,3 +241,27 @@ def test_memory_pressure_never_takes_a_locked_thp() -> None:
     assert k.swap_statistics().pswpout == 0 and k.phys.vmstat["thp_split_page"] == 0
     assert p.read(b, 6) == b"second" and contents_ok(p, a, 8)
     p.check()
+
+
+@pytest.mark.parametrize("advice", ["MADV_COLD", "MADV_PAGEOUT", "MADV_FREE"])
+def test_partial_advice_splitting_a_thp_onto_the_zero_page(advice):
+    """A split maps all-zero subpages to the zero page; the walk must go on from there.
+
+    COLD/PAGEOUT/FREE of part of a PTE-mapped THP split the folio
+    (``split_folio``), and the PTE being looked at may then be the shared
+    zero page (``try_to_map_unused_to_zeropage``): the kernel re-reads it and
+    skips it, vmemu raised AttributeError.
+    """
+    import vmemu
+
+    k = Kernel()
+    k.swapon(pages=1024)
+    p = k.spawn()
+    raw = p.mmap(0, 4 * PMD_SIZE)
+    a = (raw + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    p.madvise(a, PMD_SIZE, MADV_HUGEPAGE)
+    p.write(a + P, b"one")  # page 0 stays all zero
+    p.mprotect(a + PMD_SIZE - P, P, PROT_READ)  # PTE-mapped from now on, still one folio
+    p.madvise(a, 2 * P, getattr(vmemu, advice))
+    assert p.read(a, 1) == b"\0" and p.read(a + P, 3) == b"one"
+    k.check()

@@ -352,7 +352,10 @@ class MmStruct:
                         continue
                     if folio_maybe_mapped_shared(folio) or not split_folio(self.phys, folio):
                         continue
+                    pte = table[idx]  # a zero-filled piece is the shared zero page now
                     folio = mem_map[pfn]
+                    if pte & _PAGE_SPECIAL or not isinstance(folio, Folio):
+                        continue
                 if folio.mapcount != 1:
                     continue
                 if folio.flags & PG.swapcache:

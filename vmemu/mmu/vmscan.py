@@ -503,7 +503,12 @@ def _exclusive_folios(mm: MmStruct, start: int, end: int) -> list[Folio]:
                                             start, end):
                     if folio_maybe_mapped_shared(folio) or not split_folio(mm.phys, folio):
                         continue
-                    folio = mem_map[pfn]  # now an order-0 piece
+                    # now an order-0 piece, or the shared zero page if it was all zeros
+                    # (the kernel reads the PTE again and skips a zero page)
+                    pte = table[idx]
+                    folio = mem_map[pfn]
+                    if pte & _PAGE_SPECIAL or not isinstance(folio, Folio):
+                        continue
                 elif folio.mapcount != folio.nr_pages:
                     continue  # fully mapped here but shared
                 else:
