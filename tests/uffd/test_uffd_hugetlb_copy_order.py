@@ -1,6 +1,6 @@
 """hugetlb details the uffd stateful machine found, on vmemu and on Linux 6.18.
 
-UFFDIO_COPY: EEXIST before the source is read.
+UFFDIO_COPY: EEXIST before the source is read, an empty pool included.
 
 ``mfill_atomic_hugetlb`` refuses a populated huge PTE (EEXIST), then
 ``hugetlb_mfill_atomic_pte`` a page already in a shared mapping's page cache
@@ -31,6 +31,8 @@ import vmemu
 from vmemu.constants import (
     MADV_DONTNEED,
     MAP_ANONYMOUS,
+    MAP_HUGETLB,
+    MAP_NORESERVE,
     MAP_PRIVATE,
     MAP_SHARED,
     PROT_READ,
@@ -128,11 +130,40 @@ def zap_keeps_markers(p: Any) -> list[Any]:
     return out
 
 
+def copy_empty_pool(p: Any, free: int) -> list[Any]:
+    """An empty pool makes a COPY EEXIST on 6.18 (not ENOMEM), private or shared, before a
+    bad source is EFAULT: ``hugetlb_mfill_atomic_pte`` allocates the page before it copies
+    the source, and an allocation failure where the huge PTE slot exists (it always does:
+    ``mfill_atomic_hugetlb`` allocated it) is taken for a racing fill."""
+    resv = p.mmap(0, free * H, RW, MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB)  # every free page
+    out: list[Any] = []
+    for share in (MAP_PRIVATE, MAP_SHARED):
+        dst = p.mmap(0, H, RW, share | MAP_ANONYMOUS | MAP_HUGETLB | MAP_NORESERVE)
+        src = p.mmap(0, 2 * H, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+        p.munmap(src + H, H)  # a page, then a hole
+        u = p.userfaultfd(uapi.O_NONBLOCK)
+        u.api(0)
+        u.register(dst, H, uapi.UFFDIO_REGISTER_MODE_MISSING)
+        for s in (src, src + H):
+            try:
+                out.append(u.copy(dst, s, H))
+            except OSError as e:
+                out.append((errno.errorcode[e.errno or 0], e.struct.copy))  # type: ignore[attr-defined]
+        u.close()
+        p.munmap(dst, H)
+        p.munmap(src, H)
+    p.munmap(resv, free * H)
+    return out
+
+
 SCENARIOS = {
+    "copy_empty_pool": (copy_empty_pool, [("EEXIST", -errno.EEXIST)] * 4),
     "zap_keeps_markers": (zap_keeps_markers, [PM_UFFD_WP, PM_UFFD_WP]),
     "copy_eexist_before_source": (scenario, WANT),
     "stale_marker_read": (stale_marker, [PM_UFFD_WP, b"cached!!", PM_PRESENT | PM_UFFD_WP]),
 }
+#: scenarios that take the pool's free (unreserved) page count, to reserve them all
+NEEDS_FREE = {"copy_empty_pool"}
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
@@ -141,7 +172,7 @@ def test_on_vmemu(name: str) -> None:
     k.set_nr_hugepages(4)
     p = k.spawn()
     fn, want = SCENARIOS[name]
-    assert fn(p) == want
+    assert (fn(p, 4) if name in NEEDS_FREE else fn(p)) == want
     p.check()
 
 
@@ -162,4 +193,5 @@ def test_on_the_kernel(name: str) -> None:
     except OSError as e:
         pytest.skip(f"userfaultfd not permitted here: {e}")
     fn, want = SCENARIOS[name]
-    assert fn(p) == want
+    free = info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
+    assert (fn(p, free) if name in NEEDS_FREE else fn(p)) == want

@@ -254,6 +254,10 @@ class HugetlbPool:
         h.resv_huge_pages += delta
         return True
 
+    def can_dequeue(self, h: HState, use_reserve: bool) -> bool:
+        """Whether ``dequeue`` would find a page (``dequeue_hugetlb_folio_vma``'s test)."""
+        return use_reserve or h.free_huge_pages - h.resv_huge_pages > 0
+
     def dequeue(self, h: HState, use_reserve: bool) -> Folio | None:
         """Take a free page, zeroed, from the pool (``alloc_hugetlb_folio``); None if empty."""
         if not use_reserve and h.free_huge_pages - h.resv_huge_pages <= 0:
@@ -1021,9 +1025,11 @@ def mfill_atomic_hugetlb(ctx: Any, vma: Vma, dst: int, src: int, length: int, mo
     """Fill whole huge pages of a hugetlb VMA (``mfill_atomic_hugetlb``); returns bytes done.
 
     ``dst`` and ``length`` must be huge-aligned (EINVAL). COPY takes a page
-    from the pool (ENOMEM when empty) and copies ``src``; CONTINUE maps the
-    page cache's page (EFAULT if absent); POISON installs a poison marker.
-    A populated entry is EEXIST.
+    from the pool and copies ``src``; CONTINUE maps the page cache's page
+    (EFAULT if absent); POISON installs a poison marker. A populated entry is
+    EEXIST, and so is an empty pool on 6.18 (``hugetlb_mfill_atomic_pte``: an
+    allocation failure with the huge PTE slot present reads as a racing fill),
+    before the source is read.
     """
     from vmemu.mmu.gup import access_user
     from vmemu.mmu.pgtable import POISON_MARKER
@@ -1099,20 +1105,26 @@ def _mfill_one(mm: MmStruct, vma: Vma, h: HState, haddr: int, mode: Any, wp: boo
         if hidx in inode.huge:
             raise err(errno.EEXIST)
         if check_only:
+            if not inode.pool.can_dequeue(h, hidx in inode.resv_pending):
+                raise err(errno.EEXIST)
             return
         folio = inode.get_huge_folio(hidx)
         if folio is None:
-            raise err(errno.ENOMEM)
+            raise err(errno.EEXIST)
         if data is not None:
             folio.data[:] = data
         folio.set(PG.dirty)
         writable = not wp
     else:
         if check_only:
+            resv = vma.vm_private_data
+            if not inode.pool.can_dequeue(
+                    h, isinstance(resv, ResvMap) and hidx in resv.reserved):
+                raise err(errno.EEXIST)
             return
         folio = _alloc_for(vma, h, hidx, True)
         if folio is None:
-            raise err(errno.ENOMEM)
+            raise err(errno.EEXIST)
         if data is not None:
             folio.data[:] = data
         folio.flags |= PG.anon | PG.anon_exclusive | PG.swapbacked | PG.dirty
