@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from uffd_harness import native_process_or_skip
 
 import vmemu
 from vmemu.constants import (
@@ -154,16 +155,6 @@ def test_events_on_vmemu(name: str) -> None:
 @pytest.mark.differential
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_events_on_the_kernel(name: str) -> None:
-    import sys
-
-    if sys.platform != "linux":
-        pytest.skip("the native binding needs Linux")
-    from vmemu.native import NativeProcess
-
-    p = NativeProcess()
-    try:
-        p.userfaultfd(0).close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd not permitted here: {e}")
+    p = native_process_or_skip()
     fn, want = SCENARIOS[name]
     assert fn(p) == want

@@ -24,11 +24,11 @@ import ctypes
 import errno
 import os
 import select
-import sys
 import threading
 from typing import Any
 
 import pytest
+from uffd_harness import native_process_or_skip
 
 import vmemu
 from vmemu.constants import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
@@ -161,15 +161,7 @@ def test_on_vmemu(name: str) -> None:
 @pytest.mark.differential
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_on_the_kernel(name: str) -> None:
-    if sys.platform != "linux":
-        pytest.skip("the native binding needs Linux")
-    from vmemu.native import NativeProcess
-
-    p = NativeProcess()
-    try:
-        p.userfaultfd(0).close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd not permitted here: {e}")
+    p = native_process_or_skip()
     fn, want = SCENARIOS[name]
     assert fn(p) == want()
 

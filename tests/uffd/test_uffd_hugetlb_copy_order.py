@@ -22,10 +22,10 @@ left, and the stateful machine does not write there.
 from __future__ import annotations
 
 import errno
-import sys
 from typing import Any
 
 import pytest
+from uffd_harness import native_process_or_skip
 
 import vmemu
 from vmemu.constants import (
@@ -179,19 +179,11 @@ def test_on_vmemu(name: str) -> None:
 @pytest.mark.differential
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_on_the_kernel(name: str) -> None:
-    if sys.platform != "linux":
-        pytest.skip("the native binding needs Linux")
-    from vmemu.native import NativeProcess
-
+    p = native_process_or_skip()
     with open("/proc/meminfo") as f:
         info = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith("HugePages_")}
     if info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0) < 4:
         pytest.skip("host hugetlb pool has fewer than 4 free 2 MiB pages")
-    p = NativeProcess()
-    try:
-        p.userfaultfd(0).close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd not permitted here: {e}")
     fn, want = SCENARIOS[name]
     free = info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
     assert (fn(p, free) if name in NEEDS_FREE else fn(p)) == want

@@ -15,11 +15,11 @@ import ctypes
 import fcntl
 import os
 import struct
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from uffd_harness import native_process_or_skip
 
 import vmemu
 from vmemu.constants import MADV_DONTNEED, MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
@@ -92,13 +92,5 @@ def test_on_vmemu() -> None:
 
 @pytest.mark.differential
 def test_on_the_kernel() -> None:
-    if sys.platform != "linux":
-        pytest.skip("the native binding needs Linux")
-    from vmemu.native import NativeProcess
-
-    p = NativeProcess()
-    try:
-        p.userfaultfd(0).close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd not permitted here: {e}")
+    p = native_process_or_skip()
     assert scenario(p, lambda u: native_scan) == WANT

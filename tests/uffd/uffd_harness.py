@@ -86,6 +86,25 @@ def make_area(proc: vmemu.Process, kind: str, npages: int = 4) -> Area:
     return Area(proc, kind, psize, npages, dst, alias, fd)
 
 
+def native_process_or_skip() -> Any:
+    """A ``vmemu.native.NativeProcess`` for the kernel side of a paired test, or a skip
+    with the reason (not Linux, or userfaultfd not permitted here)."""
+    import sys
+
+    import pytest
+
+    if sys.platform != "linux":
+        pytest.skip("the native binding needs Linux")
+    from vmemu.native import NativeProcess
+
+    p = NativeProcess()
+    try:
+        p.userfaultfd(0).close()
+    except OSError as e:
+        pytest.skip(f"userfaultfd not permitted here: {e}")
+    return p
+
+
 def open_uffd(proc: vmemu.Process, features: int = 0, flags: int = uapi.O_NONBLOCK) -> Any:
     """userfaultfd() + UFFDIO_API with ``features`` (``userfaultfd_open``)."""
     uffd = proc.userfaultfd(flags | uapi.O_CLOEXEC)
