@@ -39,8 +39,14 @@ An empty pool (a rule lowers ``nr_hugepages`` and restores it): an mmap that
 must reserve is ENOMEM, fallocate ENOSPC, a MAP_NORESERVE fault SIGBUS
 BUS_ADRERR. MADV_HWPOISON of a THP page splits it and poisons the 4 KiB page.
 
-Excluded (see the comments at each rule): MADV_HWPOISON of hugetlb pages
-(vmemu does not poison hugetlb folios yet); MADV_COLLAPSE's errno where it
+vmemu bugs it found, fixed with regression tests: hugetlb pages could not
+be poisoned (EBUSY); COLD / PAGEOUT / MADV_FREE of part of a THP crashed
+when the split mapped a zero-filled piece to the zero page; ftruncate of a
+hugetlb file to its own size kept pages fallocated beyond EOF.
+
+Excluded (see the comments at each rule): MADV_HWPOISON of a hugetlb page
+that is not present (its PG_dirty after a GUP fault is not modelled);
+MADV_COLLAPSE's errno where it
 depends on page-table state the model does not keep (then only "success
 means PMD leaves" is checked).
 

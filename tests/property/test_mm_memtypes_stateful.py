@@ -45,7 +45,8 @@ shared PROT_WRITE- or PROT_EXEC-only mapping was ENOMEM (no FOLL_FORCE);
 mlock over a poisoned page was EHWPOISON instead of ENOMEM; a populate
 that failed did not go on at the next VMA; pread/pwrite read and wrote a
 poisoned shmem page (EIO on Linux); pagemap showed a hwpoison entry as
-nothing (PM_SWAP on Linux).
+nothing (PM_SWAP on Linux); MADV_POPULATE_WRITE / mlock over a lazily
+freed page did not dirty it (FOLL_TOUCH); MADV_FREE kept hwpoison entries.
 
 Budget: ``scaled(0.3)`` of the profile's examples (about 6-9 s in the
 default profile on the project VM); ``VMEMU_HYPOTHESIS_PROFILE=campaign``
