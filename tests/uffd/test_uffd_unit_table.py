@@ -10,9 +10,19 @@ from __future__ import annotations
 
 import errno
 import threading
+from typing import Any
 
 import pytest
-from uffd_harness import HPAGE, MEM_TYPES, Area, FaultHandler, make_area, make_kernel, open_uffd
+from uffd_harness import (
+    HPAGE,
+    MEM_TYPES,
+    Area,
+    FaultHandler,
+    make_area,
+    make_kernel,
+    native_process_or_skip,
+    open_uffd,
+)
 
 import vmemu
 from vmemu.constants import (
@@ -564,25 +574,22 @@ def test_mmap_changing(kind: str) -> None:
 
 def _native_or_skip(kind: str) -> object:
     """The real kernel through vmemu.native, or a skip with the reason it cannot run."""
-    import os
-    import platform
-    import sys
-
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        pytest.skip("the native binding needs Linux x86-64")
-    from vmemu.native import NativeProcess
-
-    p = NativeProcess()
-    try:
-        p.userfaultfd(0).close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd not permitted here: {os.strerror(e.errno or 0)}")
+    p = native_process_or_skip()
     if kind.startswith("hugetlb"):
         with open("/proc/meminfo") as f:
             info = {ln.split(":")[0]: ln.split()[1] for ln in f if ln.startswith("HugePages_")}
         if int(info.get("HugePages_Free", 0)) - int(info.get("HugePages_Rsvd", 0)) < 8:
             pytest.skip("host hugetlb pool has fewer than 8 free 2 MiB pages")
     return p
+
+
+def _release(p: Any, area: Area) -> None:
+    """Unmap a native area and its alias, and close its file (the kernel keeps them)."""
+    p.munmap(area.dst, area.size)
+    if area.alias is not None:
+        p.munmap(area.alias, area.size)
+    if area.fd is not None:
+        p.close(area.fd)
 
 
 @pytest.mark.differential
@@ -594,11 +601,7 @@ def test_mmap_changing_on_the_kernel(kind: str) -> None:
     try:
         assert _mmap_changing(p, area) == _mmap_changing_expected(kind)
     finally:
-        p.munmap(area.dst, area.size)  # type: ignore[attr-defined]
-        if area.alias is not None:
-            p.munmap(area.alias, area.size)  # type: ignore[attr-defined]
-        if area.fd is not None:
-            p.close(area.fd)  # type: ignore[attr-defined]
+        _release(p, area)
 
 
 @pytest.mark.differential
@@ -613,8 +616,4 @@ def test_move_not_anon_on_the_kernel(kind: str) -> None:
         assert _move_not_anon(p, area) == [(n, errno.EINVAL, -errno.EINVAL)
                                             for n in ("into", "out of")]
     finally:
-        p.munmap(area.dst, area.size)  # type: ignore[attr-defined]
-        if area.alias is not None:
-            p.munmap(area.alias, area.size)  # type: ignore[attr-defined]
-        if area.fd is not None:
-            p.close(area.fd)  # type: ignore[attr-defined]
+        _release(p, area)

@@ -89,12 +89,13 @@ def make_area(proc: vmemu.Process, kind: str, npages: int = 4) -> Area:
 def native_process_or_skip() -> Any:
     """A ``vmemu.native.NativeProcess`` for the kernel side of a paired test, or a skip
     with the reason (not Linux, or userfaultfd not permitted here)."""
+    import platform
     import sys
 
     import pytest
 
-    if sys.platform != "linux":
-        pytest.skip("the native binding needs Linux")
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("the native binding needs Linux x86-64")
     from vmemu.native import NativeProcess
 
     p = NativeProcess()
