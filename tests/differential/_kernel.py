@@ -43,6 +43,40 @@ else:  # pragma: no cover - imported for type checkers only
     libc = None  # type: ignore[assignment]
 
 
+def host_free_hugepages() -> int:
+    """Free and unreserved 2 MiB pages of the host's hugetlb pool (0 if unknown)."""
+    free = rsvd = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("HugePages_Free:"):
+                    free = int(line.split()[1])
+                elif line.startswith("HugePages_Rsvd:"):
+                    rsvd = int(line.split()[1])
+    except OSError:
+        return 0
+    return free - rsvd
+
+
+def native_process_or_skip(hugepages: int = 0) -> Any:
+    """A ``vmemu.native.NativeProcess``, or a skip with the reason the kernel side cannot
+    run: not Linux x86-64, userfaultfd not permitted, fewer than ``hugepages`` free."""
+    import pytest
+
+    if not ON_LINUX_X86_64:
+        pytest.skip("the native binding needs Linux x86-64")
+    from vmemu.native import NativeProcess
+
+    p = NativeProcess()
+    try:
+        p.userfaultfd(0).close()
+    except OSError as e:
+        pytest.skip(f"userfaultfd not permitted here: {e}")
+    if hugepages and host_free_hugepages() < hugepages:
+        pytest.skip(f"host hugetlb pool has fewer than {hugepages} free 2 MiB pages")
+    return p
+
+
 def parse_maps(text: str, lo: int, hi: int, base: int) -> Layout:
     """The VMAs of a maps text intersecting ``[lo, hi)``, clipped, in pages from ``base``."""
     out: Layout = []

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import errno
 import os
-import platform
 import select
-import sys
 import threading
 from typing import Any
 
 import pytest
+from _kernel import native_process_or_skip
 
 import vmemu
 from vmemu.constants import (
@@ -46,36 +45,6 @@ pytestmark = pytest.mark.differential
 
 H = 2 << 20
 NPAGES = 4
-
-
-def _host_free_hugepages() -> int:
-    free = rsvd = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("HugePages_Free:"):
-                    free = int(line.split()[1])
-                elif line.startswith("HugePages_Rsvd:"):
-                    rsvd = int(line.split()[1])
-    except OSError:
-        return 0
-    return free - rsvd
-
-
-def native_process(hugepages: int) -> Any:
-    """A NativeProcess, or a skip with the reason the kernel side cannot run."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        pytest.skip("the native binding needs Linux x86-64")
-    from vmemu.native import NativeProcess
-
-    p = NativeProcess()
-    try:
-        p.userfaultfd(0).close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd not permitted here: {e}")
-    if hugepages and _host_free_hugepages() < hugepages:
-        pytest.skip(f"host hugetlb pool has fewer than {hugepages} free 2 MiB pages")
-    return p
 
 
 def emulated_process() -> vmemu.Process:
@@ -160,7 +129,7 @@ EXPECTED_PRIVATE = [
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "private"])
 @pytest.mark.parametrize("side", ["vmemu", "kernel"])
 def test_hugetlb_wp_zap_leaves_marker(side: str, shared: bool) -> None:
-    p = emulated_process() if side == "vmemu" else native_process(2 * NPAGES)
+    p = emulated_process() if side == "vmemu" else native_process_or_skip(2 * NPAGES)
     got = hugetlb_wp_zap(p, shared)
     assert got == (EXPECTED_SHARED if shared else EXPECTED_PRIVATE)
     if side == "vmemu":
@@ -194,7 +163,7 @@ def native_thp_process() -> Any:
         pytest.skip("host transparent_hugepage/use_zero_page is off")
     if os.geteuid() != 0:
         pytest.skip("pagemap shows PFNs to root only")
-    return native_process(0)
+    return native_process_or_skip()
 
 
 def _smaps_kb(p: Any, addr: int, field: str) -> int:

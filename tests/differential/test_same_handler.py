@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import platform
-import sys
 
 import pytest
+from _kernel import native_process_or_skip
 
 import vmemu
 
@@ -28,23 +27,10 @@ def _load() -> object:
     return mod
 
 
-def _native() -> object:
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        pytest.skip("the native binding needs Linux x86-64")
-    from vmemu.native import NativeProcess
-
-    p = NativeProcess()
-    try:
-        p.userfaultfd(0).close()
-    except OSError as e:
-        pytest.skip(f"userfaultfd not permitted here: {e}")
-    return p
-
-
 @pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 1, 0, 2]])
 def test_postcopy_same_on_both(order: list[int]) -> None:
     mod = _load()
-    native = mod.postcopy(_native(), 4, order)  # type: ignore[attr-defined]
+    native = mod.postcopy(native_process_or_skip(), 4, order)  # type: ignore[attr-defined]
     emulated = mod.postcopy(vmemu.Process(), 4, order)  # type: ignore[attr-defined]
     assert emulated == native
     assert [p for p, _ in emulated["faults"]] == order

@@ -88,7 +88,9 @@ def make_area(proc: vmemu.Process, kind: str, npages: int = 4) -> Area:
 
 def native_process_or_skip() -> Any:
     """A ``vmemu.native.NativeProcess`` for the kernel side of a paired test, or a skip
-    with the reason (not Linux, or userfaultfd not permitted here)."""
+    with the reason (not Linux x86-64, or userfaultfd not permitted here). The
+    differential tests' ``_kernel.native_process_or_skip`` is its twin: ``tests/uffd``
+    runs on its own, without ``tests/differential`` on the import path."""
     import platform
     import sys
 
