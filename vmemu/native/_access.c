@@ -66,16 +66,20 @@ static void ensure_one(int sig, struct sigaction *old)
 		return;
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_sigaction = vmemu_handler;
-	sa.sa_flags = SA_SIGINFO;
+	/* SA_NODEFER: the mask is not changed on entry, so vmemu_copy() can skip restoring it. */
+	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
 	sigemptyset(&sa.sa_mask);
 	sigaction(sig, &sa, old);
 }
+
+static volatile int installed;
 
 static void ensure_handlers(void)
 {
 	pthread_mutex_lock(&install_lock);
 	ensure_one(SIGBUS, &old_bus);
 	ensure_one(SIGSEGV, &old_segv);
+	installed = 1;
 	pthread_mutex_unlock(&install_lock);
 }
 
@@ -119,6 +123,62 @@ int vmemu_access(unsigned char *addr, size_t len, int write, unsigned char *buf,
 	}
 	tls_active = 0;
 	*done = d;
+	return 0;
+}
+
+/* Where a copy stopped: filled by vmemu_copy(). */
+struct vmemu_stop {
+	uint64_t done;
+	int32_t signo;
+	int32_t code;
+	uint64_t addr;
+};
+
+/*
+ * Copy len bytes between user memory at addr and buf (write != 0: buf to
+ * addr), page by page with memcpy. Returns 0 when all was copied, 1 when a
+ * signal stopped the copy. A fault only happens at the first byte touched
+ * in a page, so *done (the bytes of the pages copied before the faulting
+ * one) is what a byte-by-byte copy would report, at memcpy speed.
+ */
+int vmemu_copy(unsigned char *addr, unsigned char *buf, size_t len, int write,
+	       struct vmemu_stop *stop)
+{
+	volatile size_t d = 0;
+
+	/*
+	 * Installed once: this runs on every NativeTask access and the check
+	 * costs two system calls. (vmemu_access() checks on every call, and
+	 * puts the handlers back if someone replaced them since.)
+	 */
+	if (!installed)
+		ensure_handlers();
+	stop->done = 0;
+	stop->signo = 0;
+	stop->code = 0;
+	stop->addr = 0;
+	if (sigsetjmp(tls_jmp, 0)) {
+		stop->done = d;
+		stop->signo = tls_signo;
+		stop->code = tls_code;
+		stop->addr = (uint64_t)(uintptr_t)tls_addr;
+		return 1;
+	}
+	tls_active = 1;
+	while (d < len) {
+		uintptr_t a = (uintptr_t)addr + d;
+		size_t n = 4096 - (a & 4095);
+
+		if (n > len - d)
+			n = len - d;
+		if (write)
+			memcpy((void *)a, buf + d, n);
+		else
+			memcpy(buf + d, (const void *)a, n);
+		d += n;
+	}
+	tls_active = 0;
+	stop->done = d;
 	return 0;
 }
 

@@ -32,6 +32,9 @@ from pathlib import Path
 
 import attrs
 
+from vmemu.constants import SIGBUS
+from vmemu.errors import Sigbus, Signal, Sigsegv
+
 _SOURCE = Path(__file__).with_name("_access.c")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -52,6 +55,15 @@ class _ChildOp(ctypes.Structure):
         ("value", ctypes.c_int32),
         ("addr", ctypes.c_uint64),
         ("len", ctypes.c_uint64),
+    ]
+
+
+class _Stop(ctypes.Structure):
+    _fields_ = [
+        ("done", ctypes.c_uint64),
+        ("signo", ctypes.c_int32),
+        ("code", ctypes.c_int32),
+        ("addr", ctypes.c_uint64),
     ]
 
 
@@ -102,6 +114,14 @@ def load() -> ctypes.CDLL:
                 ctypes.POINTER(ctypes.c_int),
                 ctypes.POINTER(ctypes.c_int),
                 ctypes.POINTER(ctypes.c_void_p),
+            ]
+            lib.vmemu_copy.restype = ctypes.c_int
+            lib.vmemu_copy.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.POINTER(_Stop),
             ]
             lib.vmemu_fork.restype = ctypes.c_long
             lib.vmemu_fork.argtypes = [
@@ -159,6 +179,35 @@ def user_access(
     if ret == 0:
         return AccessResult(done.value, data)
     return AccessResult(done.value, data, signo.value, code.value, si_addr.value or 0)
+
+
+def _signal(stop: _Stop) -> Signal:
+    cls = Sigbus if stop.signo == SIGBUS else Sigsegv
+    return cls(stop.code, stop.addr, stop.done)
+
+
+def user_read(addr: int, n: int) -> bytes:
+    """Read ``n`` bytes of this process's memory as a user-mode access.
+
+    A userfault blocks the calling thread (the GIL is released meanwhile);
+    a SIGSEGV or SIGBUS raises :class:`~vmemu.errors.Sigsegv` /
+    :class:`~vmemu.errors.Sigbus` with ``done`` the bytes read before the
+    faulting page, as :meth:`vmemu.Task.read` does, instead of killing the
+    interpreter.
+    """
+    buf = ctypes.create_string_buffer(n)
+    stop = _Stop()
+    if load().vmemu_copy(addr, buf, n, 0, stop):
+        raise _signal(stop)
+    return buf.raw
+
+
+def user_write(addr: int, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` at ``addr`` as a user-mode access (signals as :func:`user_read`)."""
+    b = bytes(data)
+    stop = _Stop()
+    if load().vmemu_copy(addr, b, len(b), 1, stop):
+        raise _signal(stop)
 
 
 @attrs.frozen
