@@ -120,8 +120,9 @@ def test_public_names_are_exported_once() -> None:
 
 
 def test_package_depends_only_on_stdlib_attrs_and_itself() -> None:
-    allowed_prefixes = ("vmemu.sched", "attrs", "sortedcontainers", "__future__")
-    for path in SCHED_DIR.glob("*.py"):
+    # vmemu.cbuild builds the optional C parking helper and imports nothing of vmemu itself
+    allowed_prefixes = ("vmemu.sched", "vmemu.cbuild", "attrs", "sortedcontainers", "__future__")
+    for path in [*SCHED_DIR.glob("*.py"), SCHED_DIR.parent / "cbuild.py"]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:

@@ -6,10 +6,9 @@ page registered with a uffd blocks the accessing thread until resolved, or
 cannot survive a synchronous SIGBUS/SIGSEGV, and a kernel access such as
 ``process_vm_readv`` has other semantics (EFAULT, "kernel" faults). So the
 access loop lives in a small C library, ``_access.c``, compiled on first use
-with the system C compiler into a per-user cache directory and loaded with
-ctypes. It runs the loop under ``sigsetjmp`` and reports the signal. ctypes
-releases the GIL during the call, so an access that blocks on a userfault
-blocks only its thread.
+by :mod:`vmemu.cbuild` and loaded with ctypes. It runs the loop under
+``sigsetjmp`` and reports the signal. ctypes releases the GIL during the
+call, so an access that blocks on a userfault blocks only its thread.
 
 The same library forks children that run a fixed list of accesses
 (:func:`fork_child`) without returning to Python (see the C file for why the
@@ -22,16 +21,14 @@ tests skip with that reason.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import attrs
 
+from vmemu import cbuild
+from vmemu.cbuild import HelperUnavailable  # noqa: F401 - raised by load(), caught by callers
 from vmemu.constants import SIGBUS
 from vmemu.errors import Sigbus, Signal, Sigsegv
 
@@ -43,10 +40,6 @@ CHILD_PEEK = 0
 CHILD_TOUCH_READ = 1
 CHILD_TOUCH_WRITE = 2
 CHILD_WAIT = 3
-
-
-class HelperUnavailable(RuntimeError):
-    """The C access helper could not be built (no compiler, no source)."""
 
 
 class _ChildOp(ctypes.Structure):
@@ -71,39 +64,12 @@ class _ChildRec(ctypes.Structure):
     _fields_ = [("index", ctypes.c_uint32), ("kind", ctypes.c_uint32), ("datalen", ctypes.c_uint64)]
 
 
-def _build(cache: Path) -> Path:
-    src = _SOURCE.read_bytes()
-    digest = hashlib.sha256(src).hexdigest()[:16]
-    out = cache / f"libvmemu_access-{digest}.so"
-    if out.exists():
-        return out
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        raise HelperUnavailable("no C compiler (gcc/cc) to build vmemu/native/_access.c")
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    cmd = [cc, "-O1", "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lpthread"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        os.unlink(tmp)
-        raise HelperUnavailable(f"building {_SOURCE.name} failed: {res.stderr.strip()}")
-    os.replace(tmp, out)
-    return out
-
-
 def load() -> ctypes.CDLL:
     """Build (once, cached by source hash) and load the helper library."""
     global _lib
     with _lock:
         if _lib is None:
-            if not _SOURCE.exists():
-                raise HelperUnavailable(f"{_SOURCE} is missing")
-            cache = Path(
-                os.environ.get("VMEMU_NATIVE_CACHE")
-                or Path(tempfile.gettempdir()) / f"vmemu-native-{os.getuid()}"
-            )
-            lib = ctypes.CDLL(str(_build(cache)), use_errno=True)
+            lib = cbuild.load(_SOURCE)
             lib.vmemu_access.restype = ctypes.c_int
             lib.vmemu_access.argtypes = [
                 ctypes.c_void_p,

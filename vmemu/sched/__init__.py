@@ -12,7 +12,9 @@ task blocks only through this package (DESIGN.md decision 5):
 * `Tracer` - the tracepoint log and its timeline;
 * `ReadinessFd` - a real fd that is readable exactly while something is.
 
-Independent of the rest of vmemu: stdlib, attrs and nothing else.
+Independent of the rest of vmemu: stdlib, attrs and nothing else (bar
+`vmemu.cbuild`, which builds the optional C helper of `vmemu.sched.park`
+and imports nothing of vmemu).
 
 How the layers above use it:
 

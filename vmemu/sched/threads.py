@@ -10,9 +10,7 @@ first time it asks for `current()`, as a kernel thread gets a task_struct.
 
 from __future__ import annotations
 
-import math
 import os
-import select
 import threading
 import time
 import weakref
@@ -20,65 +18,23 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from vmemu.sched.clock import NSEC_PER_SEC, CostModel, MonotonicClock
+from vmemu.sched.park import DEFAULT_SPIN_NS, make_parker
 from vmemu.sched.runtime import Runtime, TaskHandle, TaskState
 from vmemu.sched.trace import Stamp, Tracer
 from vmemu.sched.waitqueue import WaitQueue
 
 
 class ThreadTask(TaskHandle):
-    """A task backed by a real Python thread.
+    """A task backed by a real Python thread; it sleeps by parking (`vmemu.sched.park`)."""
 
-    The task sleeps in ``os.read`` on a pipe of its own and a waker writes
-    one byte to it: a binary permit (Java's ``LockSupport.park``/``unpark``,
-    the kernel's task state plus ``try_to_wake_up``). ``permit`` says a
-    wake-up byte is in the pipe (or on its way), so there is never more than
-    one; ``guard`` orders its changes. A pipe rather than a ``threading.Lock``
-    because of how the hand-off meets the GIL: ``os.write`` lets go of the GIL
-    *before* it wakes the sleeper, and a pipe wake-up is a synchronous one
-    (``WF_SYNC``: the scheduler is told the waker is about to sleep), where
-    releasing a lock wakes the sleeper while the waker still holds the GIL -
-    the sleeper runs, finds the GIL taken and sleeps again. A ping-pong of
-    two threads on one CPU makes 2 context switches per round trip this way
-    against 5, and costs half the CPU time (6-8 against 13-16 us here).
-    The pipes come from a pool and go back to it when the thread ends.
-    """
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.guard = threading.Lock()
-        self.permit = False
-        self.rfd, self.wfd = _take_pipe()
-        #: gives the pipe back to the pool: when the thread ends, or when the task is collected
-        self.release_pipe = weakref.finalize(self, _give_pipe, self.rfd, self.wfd)
+    def __init__(self, runtime: ThreadRuntime, *args: Any) -> None:
+        super().__init__(runtime, *args)
+        self.guard = threading.Lock()  # orders `woken` between wakers
+        self.parker = make_parker(runtime.spin_ns)
+        #: gives the parker's pipe back to the pool: when the thread ends, or when the
+        #: task is collected
+        self.release_parker = weakref.finalize(self, self.parker.release)
         self.thread: threading.Thread | None = None
-
-
-# Parking pipes of tasks that ended, for new tasks to reuse: the runtime keeps every task
-# it ever spawned, so a pipe per task for its whole life would run a long-lived runtime out
-# of file descriptors. A pipe is never closed while a task may still name it - a waker
-# that still holds a finished task's descriptor (it took the task off a queue just before
-# the task timed out and ended) can at worst leave a byte in a pooled pipe, which makes
-# its next owner's sleep return once early: every sleep is a `wait_event` loop, which
-# checks its condition again and goes back to sleep.
-_PIPE_POOL: list[tuple[int, int]] = []
-_PIPE_POOL_LOCK = threading.Lock()
-
-
-def _take_pipe() -> tuple[int, int]:
-    with _PIPE_POOL_LOCK:
-        if _PIPE_POOL:
-            return _PIPE_POOL.pop()
-    return os.pipe()
-
-
-def _give_pipe(rfd: int, wfd: int) -> None:
-    """Drain a task's pipe and put it in the pool (when its thread ends or it is collected)."""
-    poller = select.poll()
-    poller.register(rfd, select.POLLIN)
-    while poller.poll(0):  # a wake-up nobody slept for: never blocks
-        os.read(rfd, 64)
-    with _PIPE_POOL_LOCK:
-        _PIPE_POOL.append((rfd, wfd))
 
 
 class ThreadRuntime(Runtime):
@@ -92,8 +48,11 @@ class ThreadRuntime(Runtime):
     kind = "threads"
     charges_move_clock = False  # charges are only counted
 
-    def __init__(self, *, cost: CostModel | None = None, tracer: Tracer | None = None) -> None:
+    def __init__(self, *, cost: CostModel | None = None, tracer: Tracer | None = None,
+                 spin_ns: int = DEFAULT_SPIN_NS) -> None:
         super().__init__(cost=cost, tracer=tracer, clock=MonotonicClock())
+        #: how long a parking thread may spin first (`vmemu.sched.park`); 0: never
+        self.spin_ns = spin_ns
         self._local = threading.local()
         self._registry_lock = threading.Lock()
 
@@ -118,9 +77,7 @@ class ThreadRuntime(Runtime):
         try:
             self._run_body(task)
         finally:
-            with task.guard:  # a later wake-up of this task writes nothing
-                task.wfd = -1
-            task.release_pipe()
+            task.release_parker()  # a later wake-up of this task does nothing
 
     def current(self) -> TaskHandle:
         task: TaskHandle | None = getattr(self._local, "task", None)
@@ -151,12 +108,9 @@ class ThreadRuntime(Runtime):
 
     def prepare_sleep(self, task: TaskHandle) -> None:
         t: Any = task
-        with t.guard:  # forget an earlier wake-up: take its byte out of the pipe
+        with t.guard:
             task.woken = False
-            stale = t.permit
-            t.permit = False
-        if stale:
-            os.read(t.rfd, 1)  # written, or about to be: the waker set permit first
+        t.parker.clear()  # forget an earlier wake-up
 
     def schedule(
         self, reason: str, deadline_ns: int | None = None, queues: tuple[WaitQueue, ...] = ()
@@ -170,18 +124,11 @@ class ThreadRuntime(Runtime):
             self.tracer.emit("block", reason=reason)
         try:
             if deadline_ns is None:
-                os.read(task.rfd, 1)
+                task.parker.park()
             else:
                 remaining = (deadline_ns - self.now_ns()) / NSEC_PER_SEC
-                if remaining <= 0:
-                    return
-                poller = select.poll()  # (select.select stops at fd 1023)
-                poller.register(task.rfd, select.POLLIN)
-                if not poller.poll(math.ceil(remaining * 1000)):
-                    return
-                os.read(task.rfd, 1)
-            with task.guard:
-                task.permit = False
+                if remaining > 0:
+                    task.parker.park(remaining)
         finally:
             task.state = TaskState.RUNNING
             task.wait_reason = None
@@ -191,11 +138,7 @@ class ThreadRuntime(Runtime):
         with t.guard:
             was_asleep = not task.woken
             task.woken = True
-            if t.permit or t.wfd < 0:  # a wake-up is pending (the permit is binary), or
-                return was_asleep  # the task has ended
-            t.permit = True
-            wfd = t.wfd
-        os.write(wfd, b"\0")  # lets go of the GIL first, then wakes the sleeper
+        t.parker.unpark()
         return was_asleep
 
     def make_lock(self) -> Any:
