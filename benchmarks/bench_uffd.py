@@ -100,9 +100,14 @@ _MODE = {
 
 # -- the two worlds ------------------------------------------------------------------
 
-def emu_process() -> Any:
-    """A fresh emulated process (its own kernel, threads runtime)."""
-    return vmemu.Process()
+def emu_process(spin_ns: int | None = None) -> Any:
+    """A fresh emulated process (its own kernel, threads runtime); ``spin_ns`` sets how long
+    its parking threads may spin (None: the runtime's default, 0: the pipe parker)."""
+    if spin_ns is None:
+        return vmemu.Process()
+    from vmemu.sched import ThreadRuntime, Tracer
+
+    return vmemu.Kernel(runtime=ThreadRuntime(tracer=Tracer(enabled=False), spin_ns=spin_ns)).spawn()
 
 
 def native_process() -> Any:
@@ -360,6 +365,9 @@ class RoundTrip(Scenario):
         self.metric("same_us", f"{kind} round trip, vmemu thread, same CPU", "us", fmt="{:.1f}")
         if self.split:
             self.metric("split_us", f"{kind} round trip, vmemu thread, split", "us", fmt="{:.1f}")
+            self.metric("pipe_us", f"{kind} round trip, vmemu thread, split, no spinning", "us",
+                        fmt="{:.1f}")
+            _ratio_metric(self, "spin", f"{kind}: split, spinning / pipe parker", None)
         if self.kernel:
             self.metric("k_same_us", f"{kind} round trip, kernel, same CPU", "us", fmt="{:.1f}")
             if self.split:
@@ -376,6 +384,10 @@ class RoundTrip(Scenario):
         emu = {how: time_round_trip(emu_process(), kind, n, how) for how in hows}
         for how, t in emu.items():
             self.record(f"{how}_us", t * 1e6)
+        if self.split:
+            pipe = time_round_trip(emu_process(spin_ns=0), kind, n, "split")
+            self.record("pipe_us", pipe * 1e6)
+            self.record("spin", emu["split"] / pipe)
         if not self.kernel:
             return
         k = {how: time_round_trip(native_process(), kind, n, how) for how in hows[1:]}
