@@ -54,7 +54,11 @@ def build(source: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(source), "-lpthread"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:  # $CC names no program
+        os.unlink(tmp)
+        raise HelperUnavailable(f"running {cc} to build {source.name} failed: {e}") from e
     if res.returncode != 0:
         os.unlink(tmp)
         raise HelperUnavailable(f"building {source.name} failed: {res.stderr.strip()}")

@@ -34,6 +34,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define cpu_relax() atomic_signal_fence(memory_order_seq_cst)
+#endif
+
 enum { RUNNING = 0, SPINNING = 1, SLEEPING = 2, WAKING = 3 };
 
 struct vmemu_park {
@@ -81,7 +89,7 @@ static void await_waker_park(long seen)
 	unsigned i = 0;
 
 	while (atomic_load_explicit(&parks, memory_order_relaxed) == seen) {
-		__builtin_ia32_pause();
+		cpu_relax();
 		if (!(++i & 63) && now_ns() > deadline)
 			break;
 	}
@@ -103,7 +111,7 @@ static int spin(struct vmemu_park *p, long spin_ns)
 			await_waker_park(seen);
 			return 1;
 		}
-		__builtin_ia32_pause();
+		cpu_relax();
 		if (!(++i & 255) && now_ns() > deadline)
 			return 0;
 	}

@@ -147,7 +147,7 @@ def _load() -> tuple[Any, Any] | None:
         try:
             park = cbuild.load(_SOURCE).vmemu_park  # CDLL: lets go of the GIL
             unpark = cbuild.load(_SOURCE, py=True).vmemu_unpark  # PyDLL: keeps it
-        except (cbuild.HelperUnavailable, OSError) as e:
+        except (cbuild.HelperUnavailable, OSError) as e:  # OSError: the library would not load
             _helper_error = str(e)
             return None
         park.argtypes = [ctypes.POINTER(_ParkStruct), ctypes.c_long, ctypes.c_int]
