@@ -53,6 +53,7 @@ struct vmemu_park {
 	int pad;
 	_Atomic long spun;	/* statistics: wake-ups taken while spinning */
 	_Atomic long slept;	/* and while asleep on the pipe */
+	_Atomic long wake_gen;	/* `parks` when the last unpark came */
 };
 
 /* The CPU of the task woken last: the one that will hold the GIL next. */
@@ -72,6 +73,7 @@ int vmemu_unpark(struct vmemu_park *p)
 {
 	int s = SLEEPING;
 
+	atomic_store(&p->wake_gen, atomic_load(&parks));
 	if (atomic_exchange(&p->permit, 1))
 		return 0;
 	atomic_store(&next_cpu, atomic_load(&p->cpu));
@@ -81,7 +83,8 @@ int vmemu_unpark(struct vmemu_park *p)
 /*
  * Woken while spinning: the waker still holds the GIL until it parks in
  * turn, and a thread that asks for a held GIL sleeps on a condition
- * variable (and needs another wake-up). Wait, briefly, for that park.
+ * variable (and needs another wake-up). Wait, briefly, for a park after
+ * the unpark (`seen` is the count of parks when it came).
  */
 static void await_waker_park(long seen)
 {
@@ -103,7 +106,7 @@ static int spin(struct vmemu_park *p, long spin_ns)
 	atomic_store(&p->state, SPINNING);
 	for (;;) {
 		if (atomic_load_explicit(&p->permit, memory_order_relaxed)) {
-			long seen = atomic_load(&parks);
+			long seen = atomic_load(&p->wake_gen);
 
 			atomic_store(&p->state, RUNNING);
 			atomic_exchange(&p->permit, 0);

@@ -132,6 +132,7 @@ class _ParkStruct(ctypes.Structure):
         ("pad", ctypes.c_int),
         ("spun", ctypes.c_long),
         ("slept", ctypes.c_long),
+        ("wake_gen", ctypes.c_long),
     ]
 
 
