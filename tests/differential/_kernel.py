@@ -77,6 +77,20 @@ def native_process_or_skip(hugepages: int = 0) -> Any:
     return p
 
 
+def native_access_or_skip() -> Any:
+    """``vmemu.native.access`` with its C helper built, or a skip with the reason it cannot be
+    (no C compiler): without it a user-mode access that ends in a signal ends the test run."""
+    import pytest
+
+    from vmemu.native import access
+
+    try:
+        access.load()
+    except access.HelperUnavailable as e:
+        pytest.skip(f"the native access helper is unavailable: {e}")
+    return access
+
+
 def parse_maps(text: str, lo: int, hi: int, base: int) -> Layout:
     """The VMAs of a maps text intersecting ``[lo, hi)``, clipped, in pages from ``base``."""
     out: Layout = []

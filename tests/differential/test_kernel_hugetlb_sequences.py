@@ -12,6 +12,7 @@ the signal and si_code). Needs free pages in the host's 2 MiB pool (CI's
 from __future__ import annotations
 
 import pytest
+from _kernel import native_access_or_skip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,9 +91,9 @@ class Side:
 
 class Host(Side):
     def __init__(self, flags: int) -> None:
-        from vmemu.native import access, libc
+        from vmemu.native import libc
 
-        self.libc, self.access = libc, access
+        self.libc, self.access = libc, native_access_or_skip()
         raw = libc.mmap(0, SPAN + H, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
         self.raw = raw
         self.lo = (raw + H - 1) & ~(H - 1)

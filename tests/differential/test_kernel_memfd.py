@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import pytest
+from _kernel import native_access_or_skip
 
 from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON
 from vmemu import (
@@ -119,9 +120,9 @@ class Side:
 class Host(Side):
     def __init__(self) -> None:
         super().__init__()
-        from vmemu.native import access, libc
+        from vmemu.native import libc
 
-        self.libc, self.access = libc, access
+        self.libc, self.access = libc, native_access_or_skip()
 
     def memfd(self, name: str, flags: int) -> int:
         fd = os.memfd_create(name, flags)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from _kernel import native_access_or_skip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -74,9 +75,9 @@ def _host_has_swap() -> bool:
 
 class Host:
     def __init__(self) -> None:
-        from vmemu.native import access, libc
+        from vmemu.native import libc
 
-        self.libc, self.access = libc, access
+        self.libc, self.access = libc, native_access_or_skip()
         self.fd = os.memfd_create("seq")
         os.ftruncate(self.fd, N * P)
         self.raw = libc.mmap(0, SPAN, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)

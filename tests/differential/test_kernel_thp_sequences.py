@@ -24,6 +24,7 @@ import os
 import pickle
 
 import pytest
+from _kernel import native_access_or_skip
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -112,9 +113,9 @@ def _anon_huge(smaps: str, base: int) -> int:
 
 class Host:
     def __init__(self) -> None:
-        from vmemu.native import access, libc
+        from vmemu.native import libc
 
-        self.libc, self.access = libc, access
+        self.libc, self.access = libc, native_access_or_skip()
         self.raw = libc.mmap(0, N * P + 2 * H, PROT_NONE, PRIV)
         self.base = (self.raw + H - 1) & ~(H - 1)
         libc.mmap(self.base, N * P, RW, PRIV | MAP_FIXED)

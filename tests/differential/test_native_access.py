@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 import pytest
-from _kernel import native_process_or_skip
+from _kernel import native_access_or_skip, native_process_or_skip
 
 import vmemu
 from vmemu import PAGE_SIZE, PROT_READ, Signal
@@ -91,7 +91,11 @@ def unmapped_under_a_blocked_fault(p: Any) -> tuple[Any, ...]:
 
 @pytest.fixture(params=["vmemu", "kernel"])
 def proc(request: pytest.FixtureRequest) -> Any:
-    return vmemu.Process() if request.param == "vmemu" else native_process_or_skip()
+    if request.param == "vmemu":
+        return vmemu.Process()
+    p = native_process_or_skip()
+    native_access_or_skip()  # without it NativeTask's accesses end the run at a signal
+    return p
 
 
 def test_signals_report_where_the_access_stopped(proc: Any) -> None:

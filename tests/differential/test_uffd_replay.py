@@ -47,7 +47,7 @@ import threading
 from typing import Any
 
 import pytest
-from _kernel import ON_LINUX_X86_64, SKIP_REASON, parse_maps
+from _kernel import ON_LINUX_X86_64, SKIP_REASON, native_access_or_skip, parse_maps
 
 import vmemu
 from vmemu.constants import (
@@ -426,12 +426,7 @@ def run(side: Side, ops: list[tuple[Any, ...]]) -> list[Any]:
 def _native_side() -> NativeSide:
     if not ON_LINUX_X86_64:
         pytest.skip(SKIP_REASON)
-    from vmemu.native import access
-
-    try:
-        access.load()
-    except access.HelperUnavailable as e:
-        pytest.skip(str(e))
+    native_access_or_skip()
     with open("/proc/meminfo") as f:
         info = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith("HugePages_")}
     if info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0) < 4:

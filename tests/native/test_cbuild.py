@@ -19,13 +19,15 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
-def _compiler_or_skip() -> None:
+def _compiler_or_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CC", raising=False)  # the compiler on PATH, as cbuild finds it
     if not (shutil.which("gcc") or shutil.which("cc")):
         pytest.skip("no C compiler on this machine")
 
 
-def test_built_once_per_source_hash(tmp_path: Path, cache: Path) -> None:
-    _compiler_or_skip()
+def test_built_once_per_source_hash(tmp_path: Path, cache: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _compiler_or_skip(monkeypatch)
     src = tmp_path / "_answer.c"
     src.write_text(OK_SOURCE)
     first = cbuild.build(src)
@@ -48,8 +50,9 @@ def test_a_missing_compiler_is_helper_unavailable(tmp_path: Path, cache: Path,
     assert not any(cache.iterdir())  # no half-written library left behind
 
 
-def test_a_failed_build_reports_the_compiler_error(tmp_path: Path, cache: Path) -> None:
-    _compiler_or_skip()
+def test_a_failed_build_reports_the_compiler_error(tmp_path: Path, cache: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _compiler_or_skip(monkeypatch)
     src = tmp_path / "_broken.c"
     src.write_text("int broken( { }\n")
     with pytest.raises(cbuild.HelperUnavailable, match="building _broken.c failed: .*error"):

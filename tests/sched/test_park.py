@@ -124,13 +124,12 @@ def test_spinning_only_across_cpus() -> None:
     cpus = sorted(os.sched_getaffinity(0)) if sys.platform.startswith("linux") else []
     if len(cpus) < 2:
         pytest.skip("needs two CPUs")
+    a, b, a2, b2 = _spin(), _spin(), _spin(), _spin()
     old = os.sched_getaffinity(0)
     try:
-        a, b = _spin(), _spin()
         _ping_pong(a, b, 2000, (cpus[0], cpus[0]))
         assert a.spun + b.spun == 0
         assert a.slept + b.slept > 0
-        a2, b2 = _spin(), _spin()
         _ping_pong(a2, b2, 2000, (cpus[0], cpus[-1]))
         assert a2.spun + b2.spun > a2.slept + b2.slept
     finally:
