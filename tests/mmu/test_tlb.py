@@ -84,3 +84,35 @@ def test_tlb_capacity_eviction_keeps_accesses_correct():
     assert len(p.mm.tlb.r) <= 4 and p.mm.tlb.evictions >= 12
     assert [p.read(a + i * PAGE_SIZE, 1)[0] for i in range(16)] == list(range(16))
     p.check()
+
+
+def test_a_range_flush_past_the_ceiling_flushes_everything():
+    """flush_tlb_mm_range: more than tlb_single_page_flush_ceiling (33) pages is a full flush."""
+    from vmemu.mmu.tlb import TLB_SINGLE_PAGE_FLUSH_CEILING as CEILING
+
+    t = Tlb()
+    for vpn in (1000, 5, 6):
+        t.fill(vpn, "x", True)
+    t.flush_range(0, CEILING << PAGE_SHIFT)  # pages 0-32: one by one
+    assert 1000 in t.r and 1000 in t.w and 5 not in t.r
+    t.fill(5, "x", True)
+    t.flush_writable(0, (CEILING + 1) << PAGE_SHIFT)  # 34 pages: every write permission
+    assert 1000 in t.r and not t.w
+    t.fill(1000, "x", True)
+    t.flush_range(0, (CEILING + 1) << PAGE_SHIFT)
+    assert not t.r and not t.w
+    assert t.statistics().flush_range == 3
+
+
+def test_big_flushes_keep_accesses_correct():
+    p = Process()
+    a = p.mmap(0, 64 * PAGE_SIZE)
+    far = p.mmap(0, PAGE_SIZE)
+    p.write(far, b"far")
+    for i in range(64):
+        p.write(a + i * PAGE_SIZE, bytes([i]))
+    p.madvise(a, 40 * PAGE_SIZE, MADV_DONTNEED)  # a full flush: far's entry goes too
+    assert far >> PAGE_SHIFT not in p.mm.tlb.r
+    assert p.read(far, 3) == b"far"
+    assert [p.read(a + i * PAGE_SIZE, 1)[0] for i in range(64)] == [0] * 40 + list(range(40, 64))
+    p.check()

@@ -29,6 +29,11 @@ import attrs
 from vmemu.constants import PAGE_SHIFT
 
 DEFAULT_TLB_ENTRIES = 4096
+#: A range flush of more pages than this flushes the whole TLB instead, as
+#: ``flush_tlb_mm_range`` does on x86 (``tlb_single_page_flush_ceiling``): one
+#: full flush is cheaper than a long run of single-page ones, and the entries it
+#: drops beyond the range are only refilled by the next walk.
+TLB_SINGLE_PAGE_FLUSH_CEILING = 33
 
 
 @attrs.frozen
@@ -81,10 +86,14 @@ class Tlb:
         self.n_flush_page += 1
 
     def flush_range(self, start: int, end: int) -> None:
-        """Drop translations of ``[start, end)`` (``flush_tlb_range``)."""
+        """Drop translations of ``[start, end)``, or of everything past the ceiling
+        (``flush_tlb_range``)."""
         lo, hi = start >> PAGE_SHIFT, (end + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
         r, w = self.r, self.w
-        if hi - lo > len(r):
+        if hi - lo > TLB_SINGLE_PAGE_FLUSH_CEILING:
+            r.clear()
+            w.clear()
+        elif hi - lo > len(r):
             for vpn in [v for v in r if lo <= v < hi]:
                 del r[vpn]
                 w.pop(vpn, None)
@@ -95,10 +104,13 @@ class Tlb:
         self.n_flush_range += 1
 
     def flush_writable(self, start: int, end: int) -> None:
-        """Drop only write permission for ``[start, end)``, e.g. after write-protecting."""
+        """Drop only write permission for ``[start, end)`` (everywhere past the ceiling),
+        e.g. after write-protecting."""
         lo, hi = start >> PAGE_SHIFT, (end + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
         w = self.w
-        if hi - lo > len(w):
+        if hi - lo > TLB_SINGLE_PAGE_FLUSH_CEILING:
+            w.clear()
+        elif hi - lo > len(w):
             for vpn in [v for v in w if lo <= v < hi]:
                 del w[vpn]
         else:
