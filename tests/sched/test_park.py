@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from vmemu.sched import ThreadRuntime
+from vmemu.sched import ThreadRuntime, park
 from vmemu.sched.park import PipeParker, SpinParker, make_parker, spin_unavailable_reason
 
 SPIN_NS = 200_000
@@ -69,9 +70,16 @@ def test_another_thread_wakes_a_parked_one(new_parker: Callable[[], PipeParker |
 
 
 def test_released_parker_ignores_unparks(new_parker: Callable[[], PipeParker | SpinParker]) -> None:
+    """A waker that still holds a finished task's parker writes nothing into the pipe,
+    which is back in the pool for the next task."""
     p = new_parker()
+    rfd = p.rfd if isinstance(p, PipeParker) else p.s.rfd
     p.release()
-    p.unpark()  # a waker that still holds a finished task's parker: nothing happens
+    assert any(r == rfd for r, _ in park._PIPE_POOL)
+    p.unpark()
+    poller = select.poll()
+    poller.register(rfd, select.POLLIN)
+    assert poller.poll(0) == []
 
 
 def _ping_pong(a: PipeParker | SpinParker, b: PipeParker | SpinParker, n: int,
