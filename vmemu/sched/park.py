@@ -24,7 +24,7 @@ Two implementations with the same four calls (``clear``, ``unpark``,
   while the task that was woken last (the one that will run next) is on
   another CPU: the kernel's mutex optimistic spinning, or KVM's halt
   polling. Across two CPUs of a VM a pipe hand-off costs an IPI and a
-  host reschedule of the sleeping vCPU, ~20-30 us each way; spinning
+  host reschedule of the sleeping vCPU, ~25-35 us each way here; spinning
   makes it a store and a load, at the price of up to ``spin_ns`` of CPU per
   park. On one CPU it never spins, and it is what `PipeParker` is.
 
