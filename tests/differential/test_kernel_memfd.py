@@ -18,9 +18,8 @@ import os
 from typing import Any
 
 import pytest
-from _kernel import native_access_or_skip
 
-from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON
+from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON, native_access_or_skip
 from vmemu import (
     MADV_COLD,
     MADV_DONTNEED,

@@ -21,11 +21,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from _kernel import native_access_or_skip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON
+from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON, native_access_or_skip
 from vmemu import (
     MADV_COLD,
     MADV_DONTNEED,

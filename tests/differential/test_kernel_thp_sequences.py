@@ -24,11 +24,10 @@ import os
 import pickle
 
 import pytest
-from _kernel import native_access_or_skip
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON
+from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON, native_access_or_skip
 from vmemu import (
     MADV_COLD,
     MADV_COLLAPSE,
