@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import pytest
+from _kernel import host_free_hugepages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -67,14 +68,7 @@ def _reason() -> str | None:
         return f"userfaultfd not permitted: {os.strerror(e.errno or 0)}"
     except Exception as e:  # noqa: BLE001 - the access helper could not be built
         return str(e)
-    free = rsvd = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("HugePages_Free:"):
-                free = int(line.split()[1])
-            elif line.startswith("HugePages_Rsvd:"):
-                rsvd = int(line.split()[1])
-    if free - rsvd < 8:
+    if host_free_hugepages() < 8:
         return "host 2 MiB hugetlb pool has fewer than 8 free pages"
     return None
 

@@ -47,7 +47,13 @@ import threading
 from typing import Any
 
 import pytest
-from _kernel import ON_LINUX_X86_64, SKIP_REASON, native_access_or_skip, parse_maps
+from _kernel import (
+    ON_LINUX_X86_64,
+    SKIP_REASON,
+    host_free_hugepages,
+    native_access_or_skip,
+    parse_maps,
+)
 
 import vmemu
 from vmemu.constants import (
@@ -427,9 +433,7 @@ def _native_side() -> NativeSide:
     if not ON_LINUX_X86_64:
         pytest.skip(SKIP_REASON)
     native_access_or_skip()
-    with open("/proc/meminfo") as f:
-        info = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith("HugePages_")}
-    if info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0) < 4:
+    if host_free_hugepages() < 4:
         pytest.skip("host hugetlb pool has fewer than 4 free 2 MiB pages")
     try:
         return NativeSide()
