@@ -82,15 +82,22 @@ class UffdStatistics:
 
 def _ioctl_dispatch() -> Any:
     """``vmemu.uffd.ioctl.dispatch``, imported on first use (ioctl.py imports this module)."""
-    global _dispatch, _handlers
+    global _dispatch, _handlers, _ops
     if _dispatch is None:
-        from vmemu.uffd.ioctl import _HANDLERS, dispatch
+        import vmemu.uffd.ioctl as ops
 
-        _dispatch, _handlers = dispatch, _HANDLERS
+        _dispatch, _handlers, _ops = ops.dispatch, ops._HANDLERS, ops
     return _dispatch
 
 
+def _ioctl_ops() -> Any:
+    """The module :mod:`vmemu.uffd.ioctl`, whose operations take plain integers."""
+    _ioctl_dispatch()
+    return _ops
+
+
 _dispatch: Any = None
+_ops: Any = None  # vmemu.uffd.ioctl
 _handlers: dict[int, tuple[type, Any]] = {}  # ioctl._HANDLERS: cmd -> (struct class, handler)
 _RUNNING = UffdState.RUNNING
 
@@ -237,28 +244,63 @@ class Userfaultfd:
         """UFFDIO_WAKE: wake tasks whose fault address is in the range."""
         self.ioctl(uapi.UFFDIO_WAKE, uapi.uffdio_range(start, len))
 
+    # The range ioctls called as methods: the operation itself, with the uABI struct built
+    # only to go with an error (``e.struct``) - unless the call is traced or comes before
+    # the handshake, when it takes the ioctl path above, struct and all.
+
     def copy(self, dst: int, src: int, len: int, mode: int = 0) -> int:  # noqa: A002
         """UFFDIO_COPY; returns bytes copied (partial progress: EAGAIN, ``e.struct.copy``)."""
-        arg = uapi.uffdio_copy(dst, src, len, mode)
-        self.ioctl(uapi.UFFDIO_COPY, arg)
-        return int(arg.copy)
+        if self.state is not _RUNNING or self.tracer.enabled:
+            arg = uapi.uffdio_copy(dst, src, len, mode)
+            self.ioctl(uapi.UFFDIO_COPY, arg)
+            return int(arg.copy)
+        self.runtime.charge("syscall")
+        ops = _ops or _ioctl_ops()
+        try:
+            return int(ops.copy(self, dst, src, len, mode))
+        except ops.IoctlFailure as f:
+            ops.fail_with(f, uapi.uffdio_copy(dst, src, len, mode), "copy")
 
     def zeropage(self, start: int, len: int, mode: int = 0) -> int:  # noqa: A002
         """UFFDIO_ZEROPAGE; returns bytes zeroed."""
-        arg = uapi.uffdio_zeropage(uapi.uffdio_range(start, len), mode)
-        self.ioctl(uapi.UFFDIO_ZEROPAGE, arg)
-        return int(arg.zeropage)
+        if self.state is not _RUNNING or self.tracer.enabled:
+            arg = uapi.uffdio_zeropage(uapi.uffdio_range(start, len), mode)
+            self.ioctl(uapi.UFFDIO_ZEROPAGE, arg)
+            return int(arg.zeropage)
+        self.runtime.charge("syscall")
+        ops = _ops or _ioctl_ops()
+        try:
+            return int(ops.zeropage(self, start, len, mode))
+        except ops.IoctlFailure as f:
+            ops.fail_with(f, uapi.uffdio_zeropage(uapi.uffdio_range(start, len), mode),
+                          "zeropage")
 
     def writeprotect(self, start: int, len: int, mode: int) -> None:  # noqa: A002
         """UFFDIO_WRITEPROTECT: MODE_WP protects, 0 unprotects (and wakes unless DONTWAKE)."""
-        self.ioctl(uapi.UFFDIO_WRITEPROTECT,
-                   uapi.uffdio_writeprotect(uapi.uffdio_range(start, len), mode))
+        if self.state is not _RUNNING or self.tracer.enabled:
+            self.ioctl(uapi.UFFDIO_WRITEPROTECT,
+                       uapi.uffdio_writeprotect(uapi.uffdio_range(start, len), mode))
+            return
+        self.runtime.charge("syscall")
+        ops = _ops or _ioctl_ops()
+        try:
+            ops.writeprotect(self, start, len, mode)
+        except ops.IoctlFailure as f:
+            ops.fail_with(f, uapi.uffdio_writeprotect(uapi.uffdio_range(start, len), mode), None)
 
     def continue_(self, start: int, len: int, mode: int = 0) -> int:  # noqa: A002
         """UFFDIO_CONTINUE; returns bytes mapped."""
-        arg = uapi.uffdio_continue(uapi.uffdio_range(start, len), mode)
-        self.ioctl(uapi.UFFDIO_CONTINUE, arg)
-        return int(arg.mapped)
+        if self.state is not _RUNNING or self.tracer.enabled:
+            arg = uapi.uffdio_continue(uapi.uffdio_range(start, len), mode)
+            self.ioctl(uapi.UFFDIO_CONTINUE, arg)
+            return int(arg.mapped)
+        self.runtime.charge("syscall")
+        ops = _ops or _ioctl_ops()
+        try:
+            return int(ops.continue_(self, start, len, mode))
+        except ops.IoctlFailure as f:
+            ops.fail_with(f, uapi.uffdio_continue(uapi.uffdio_range(start, len), mode),
+                          "mapped")
 
     def poison(self, start: int, len: int, mode: int = 0) -> int:  # noqa: A002
         """UFFDIO_POISON; returns bytes poisoned."""
@@ -268,9 +310,16 @@ class Userfaultfd:
 
     def move(self, dst: int, src: int, len: int, mode: int = 0) -> int:  # noqa: A002
         """UFFDIO_MOVE; returns bytes moved."""
-        arg = uapi.uffdio_move(dst, src, len, mode)
-        self.ioctl(uapi.UFFDIO_MOVE, arg)
-        return int(arg.move)
+        if self.state is not _RUNNING or self.tracer.enabled:
+            arg = uapi.uffdio_move(dst, src, len, mode)
+            self.ioctl(uapi.UFFDIO_MOVE, arg)
+            return int(arg.move)
+        self.runtime.charge("syscall")
+        ops = _ops or _ioctl_ops()
+        try:
+            return int(ops.move(self, dst, src, len, mode, self.process.mm))
+        except ops.IoctlFailure as f:
+            ops.fail_with(f, uapi.uffdio_move(dst, src, len, mode), "move")
 
     def pagemap_scan(self, start: int, end: int, flags: int = 0) -> list[Any]:
         """PAGEMAP_SCAN over a WP_ASYNC range: which pages were written (and re-protect)."""

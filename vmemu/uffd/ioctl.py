@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vmemu.constants import PAGE_SIZE, TASK_SIZE
 from vmemu.errors import errno_error
@@ -38,46 +38,66 @@ _PAGE_LOW = PAGE_SIZE - 1
 _COPY, _ZEROPAGE, _CONTINUE = MfillMode.COPY, MfillMode.ZEROPAGE, MfillMode.CONTINUE
 
 
-def _fail(err: int, arg: Any) -> None:
+def _fail(err: int, arg: Any) -> NoReturn:
     e = errno_error(err)
     e.struct = arg  # type: ignore[attr-defined]
     raise e
 
 
-def _finish(ctx: Userfaultfd, arg: Any, field: str, start: int, length: int, dontwake: bool,
-            run: Any) -> None:
-    """Run an mfill-style operation and apply the output-field and wake rules."""
+class IoctlFailure(Exception):
+    """A range ioctl failed: its errno, and the output field's value if the kernel wrote one.
+
+    The operations below take plain integers, so that the Pythonic methods
+    (``uffd.copy(dst, src, len)``) need no uABI struct unless they fail;
+    :func:`fail_with` turns this into the ``OSError`` both call styles raise,
+    with the struct as the kernel left it in ``e.struct``.
+    """
+
+    def __init__(self, err: int, out: int | None = None) -> None:
+        super().__init__(err, out)
+        self.errno = err
+        self.out = out  # copy / zeropage / mapped / updated / move; None: left untouched
+
+
+def fail_with(f: IoctlFailure, arg: Any, field: str | None) -> NoReturn:
+    """Write the failure's output field into ``arg`` (if the kernel wrote it) and raise."""
+    if field is not None and f.out is not None:
+        setattr(arg, field, f.out)
+    _fail(f.errno, arg)
+
+
+def _finish(ctx: Userfaultfd, start: int, length: int, dontwake: int, run: Any) -> int:
+    """Run an mfill-style operation and apply the output-field and wake rules: ESRCH on a
+    dead mm, ``-errno`` or the bytes done in the field, the wake of the done range unless
+    ``dontwake``, EAGAIN if short. Returns the bytes done."""
     if ctx.mm.dead:
-        _fail(errno.ESRCH, arg)
+        raise IoctlFailure(errno.ESRCH)
     try:
-        done = run()
+        done: int = run()
     except MfillError as e:
-        setattr(arg, field, -e.errno)
-        _fail(e.errno, arg)
-    setattr(arg, field, done)
+        raise IoctlFailure(e.errno, -e.errno) from None
     if not dontwake:
         wake_userfault(ctx, start, done)
     if done != length:
-        _fail(errno.EAGAIN, arg)
+        raise IoctlFailure(errno.EAGAIN, done)
+    return done
 
 
-def _finish_page(ctx: Userfaultfd, arg: Any, field: str, start: int, dontwake: bool, src: int,
-                 mode: MfillMode, wp: bool) -> None:
+def _finish_page(ctx: Userfaultfd, start: int, dontwake: int, src: int, mode: MfillMode,
+                 wp: bool) -> int:
     """``_finish`` of ``mfill_atomic_page`` (one 4 KiB page): the same rules, without the
-    closure - ESRCH on a dead mm, ``-errno`` or the bytes done in ``field``, the wake of
-    the done range unless ``dontwake`` (``wake_userfault``, inlined), EAGAIN if short."""
+    closure, and the wake of ``wake_userfault`` inlined."""
     if ctx.mm.dead:
-        _fail(errno.ESRCH, arg)
+        raise IoctlFailure(errno.ESRCH)
     try:
         done = mfill_atomic_page(ctx, start, src, mode, wp)
     except MfillError as e:
-        setattr(arg, field, -e.errno)
-        _fail(e.errno, arg)
-    setattr(arg, field, done)
+        raise IoctlFailure(e.errno, -e.errno) from None
     if not dontwake and (ctx.fault_pending or ctx.fault_read):
         ctx.wake_range(start, done)
     if done != PAGE_SIZE:
-        _fail(errno.EAGAIN, arg)
+        raise IoctlFailure(errno.EAGAIN, done)
+    return done
 
 
 def wake_userfault(ctx: Userfaultfd, start: int, length: int) -> None:
@@ -92,24 +112,17 @@ def wake_userfault(ctx: Userfaultfd, start: int, length: int) -> None:
         ctx.wake_range(start, length)
 
 
-def _changing(ctx: Userfaultfd, arg: Any, field: str) -> bool:
-    if ctx.mmap_changing:
-        setattr(arg, field, -errno.EAGAIN)
-        _fail(errno.EAGAIN, arg)
-    return False
-
-
 def _mfill(ctx: Userfaultfd, dst: int, src: int, length: int, mode: MfillMode,
            wp: bool) -> Callable[[], int]:
     """The operation: ``mfill_atomic`` (which routes a hugetlb destination itself)."""
     return lambda: mfill_atomic(ctx, dst, src, length, mode, wp)
 
 
-def _validate(arg: Any, start: int, length: int) -> None:
+def _validate(start: int, length: int) -> None:
     try:
         validate_range(start, length)
     except OSError as e:
-        _fail(e.errno or errno.EINVAL, arg)
+        raise IoctlFailure(e.errno or errno.EINVAL) from None
 
 
 def _sane(start: int, length: int) -> bool:
@@ -118,134 +131,165 @@ def _sane(start: int, length: int) -> bool:
         and length <= TASK_SIZE - start
 
 
-def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy, _mm: Any = None) -> None:
-    """UFFDIO_COPY (``userfaultfd_copy``)."""
+def copy(ctx: Userfaultfd, dst: int, src: int, length: int, mode: int) -> int:
+    """UFFDIO_COPY (``userfaultfd_copy``); returns the bytes copied."""
     if ctx.mmap_changing:
-        _changing(ctx, arg, "copy")
-    dst, src, length = arg.dst, arg.src, arg.len
+        raise IoctlFailure(errno.EAGAIN, -errno.EAGAIN)
     if not (0 < length and not (length | dst | src) & _PAGE_LOW and 0 <= dst < TASK_SIZE
             and 0 <= src < TASK_SIZE and length <= TASK_SIZE - dst
             and length <= TASK_SIZE - src):  # not the common case: validate in the kernel's order
         try:  # the source may be unaligned, but must be a user range
-            validate_unaligned_range(arg.src, arg.len)
+            validate_unaligned_range(src, length)
         except OSError as e:
-            _fail(e.errno or errno.EINVAL, arg)
-        _validate(arg, arg.dst, arg.len)
-    if arg.mode & ~(uapi.UFFDIO_COPY_MODE_DONTWAKE | uapi.UFFDIO_COPY_MODE_WP):
-        _fail(errno.EINVAL, arg)
-    wp = bool(arg.mode & uapi.UFFDIO_COPY_MODE_WP)
+            raise IoctlFailure(e.errno or errno.EINVAL) from None
+        _validate(dst, length)
+    if mode & ~(uapi.UFFDIO_COPY_MODE_DONTWAKE | uapi.UFFDIO_COPY_MODE_WP):
+        raise IoctlFailure(errno.EINVAL)
+    wp = bool(mode & uapi.UFFDIO_COPY_MODE_WP)
+    dontwake = mode & uapi.UFFDIO_COPY_MODE_DONTWAKE
     if length == PAGE_SIZE:
-        _finish_page(ctx, arg, "copy", dst, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
-                     src, _COPY, wp)
-        return
-    _finish(ctx, arg, "copy", dst, length, bool(arg.mode & uapi.UFFDIO_COPY_MODE_DONTWAKE),
-            _mfill(ctx, dst, src, length, MfillMode.COPY, wp))
+        return _finish_page(ctx, dst, dontwake, src, _COPY, wp)
+    return _finish(ctx, dst, length, dontwake, _mfill(ctx, dst, src, length, _COPY, wp))
 
 
-def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage, _mm: Any = None) -> None:
-    """UFFDIO_ZEROPAGE (``userfaultfd_zeropage``): EINVAL on hugetlb."""
+def zeropage(ctx: Userfaultfd, start: int, length: int, mode: int) -> int:
+    """UFFDIO_ZEROPAGE (``userfaultfd_zeropage``): EINVAL on hugetlb; returns bytes zeroed."""
     if ctx.mmap_changing:
-        _changing(ctx, arg, "zeropage")
-    r = arg.range
-    if not _sane(r.start, r.len):
-        _validate(arg, r.start, r.len)
-    if arg.mode & ~uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE:
-        _fail(errno.EINVAL, arg)
-    start = r.start
-    if r.len == PAGE_SIZE:
-        _finish_page(ctx, arg, "zeropage", start,
-                     bool(arg.mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE), 0, _ZEROPAGE, False)
-        return
-    _finish(ctx, arg, "zeropage", start, r.len,
-            bool(arg.mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE),
-            _mfill(ctx, start, 0, r.len, MfillMode.ZEROPAGE, False))
+        raise IoctlFailure(errno.EAGAIN, -errno.EAGAIN)
+    if not _sane(start, length):
+        _validate(start, length)
+    if mode & ~uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE:
+        raise IoctlFailure(errno.EINVAL)
+    dontwake = mode & uapi.UFFDIO_ZEROPAGE_MODE_DONTWAKE
+    if length == PAGE_SIZE:
+        return _finish_page(ctx, start, dontwake, 0, _ZEROPAGE, False)
+    return _finish(ctx, start, length, dontwake, _mfill(ctx, start, 0, length, _ZEROPAGE, False))
 
 
-def uffdio_continue(ctx: Userfaultfd, arg: uapi.uffdio_continue, _mm: Any = None) -> None:
+def continue_(ctx: Userfaultfd, start: int, length: int, mode: int) -> int:
     """UFFDIO_CONTINUE (``userfaultfd_continue``): map what the page cache already holds."""
     if ctx.mmap_changing:
-        _changing(ctx, arg, "mapped")
-    r = arg.range
-    if not _sane(r.start, r.len):
-        _validate(arg, r.start, r.len)
-    if arg.mode & ~(uapi.UFFDIO_CONTINUE_MODE_DONTWAKE | uapi.UFFDIO_CONTINUE_MODE_WP):
-        _fail(errno.EINVAL, arg)
-    wp = bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_WP)
-    start = r.start
-    if r.len == PAGE_SIZE:
-        _finish_page(ctx, arg, "mapped", start,
-                     bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE), 0, _CONTINUE, wp)
-        return
-    _finish(ctx, arg, "mapped", start, r.len,
-            bool(arg.mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE),
-            _mfill(ctx, start, 0, r.len, MfillMode.CONTINUE, wp))
+        raise IoctlFailure(errno.EAGAIN, -errno.EAGAIN)
+    if not _sane(start, length):
+        _validate(start, length)
+    if mode & ~(uapi.UFFDIO_CONTINUE_MODE_DONTWAKE | uapi.UFFDIO_CONTINUE_MODE_WP):
+        raise IoctlFailure(errno.EINVAL)
+    wp = bool(mode & uapi.UFFDIO_CONTINUE_MODE_WP)
+    dontwake = mode & uapi.UFFDIO_CONTINUE_MODE_DONTWAKE
+    if length == PAGE_SIZE:
+        return _finish_page(ctx, start, dontwake, 0, _CONTINUE, wp)
+    return _finish(ctx, start, length, dontwake, _mfill(ctx, start, 0, length, _CONTINUE, wp))
 
 
-def uffdio_poison(ctx: Userfaultfd, arg: uapi.uffdio_poison, _mm: Any = None) -> None:
+def poison(ctx: Userfaultfd, start: int, length: int, mode: int) -> int:
     """UFFDIO_POISON (``userfaultfd_poison``): later accesses raise SIGBUS."""
-    _changing(ctx, arg, "updated")
-    r = arg.range
-    _validate(arg, r.start, r.len)
-    if arg.mode & ~uapi.UFFDIO_POISON_MODE_DONTWAKE:
-        _fail(errno.EINVAL, arg)
-    _finish(ctx, arg, "updated", r.start, r.len,
-            bool(arg.mode & uapi.UFFDIO_POISON_MODE_DONTWAKE),
-            _mfill(ctx, r.start, 0, r.len, MfillMode.POISON, False))
-
-
-def uffdio_move(ctx: Userfaultfd, arg: uapi.uffdio_move, caller_mm: Any) -> None:
-    """UFFDIO_MOVE (``userfaultfd_move``): same-mm only."""
     if ctx.mmap_changing:
-        _changing(ctx, arg, "move")
+        raise IoctlFailure(errno.EAGAIN, -errno.EAGAIN)
+    _validate(start, length)
+    if mode & ~uapi.UFFDIO_POISON_MODE_DONTWAKE:
+        raise IoctlFailure(errno.EINVAL)
+    return _finish(ctx, start, length, mode & uapi.UFFDIO_POISON_MODE_DONTWAKE,
+                   _mfill(ctx, start, 0, length, MfillMode.POISON, False))
+
+
+def move(ctx: Userfaultfd, dst: int, src: int, length: int, mode: int, caller_mm: Any) -> int:
+    """UFFDIO_MOVE (``userfaultfd_move``): same-mm only; returns the bytes moved."""
+    if ctx.mmap_changing:
+        raise IoctlFailure(errno.EAGAIN, -errno.EAGAIN)
     if caller_mm is not ctx.mm:
-        _fail(errno.EINVAL, arg)
-    dst, src, length, mode = arg.dst, arg.src, arg.len, arg.mode
+        raise IoctlFailure(errno.EINVAL)
     if not (0 < length and not (length | dst | src) & _PAGE_LOW and 0 <= dst < TASK_SIZE
             and 0 <= src < TASK_SIZE and length <= TASK_SIZE - dst
             and length <= TASK_SIZE - src):  # not _sane(dst) and _sane(src): in order
         for start in (dst, src):
-            _validate(arg, start, length)
+            _validate(start, length)
     if mode & ~(uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | uapi.UFFDIO_MOVE_MODE_DONTWAKE):
-        _fail(errno.EINVAL, arg)
+        raise IoctlFailure(errno.EINVAL)
     # _finish, written out: move_pages called directly rather than through a closure
     if ctx.mm.dead:
-        _fail(errno.ESRCH, arg)
+        raise IoctlFailure(errno.ESRCH)
     try:
         done = move_pages(ctx, dst, src, length, mode)
     except MfillError as e:
-        arg.move = -e.errno
-        _fail(e.errno, arg)
-    arg.move = done
+        raise IoctlFailure(e.errno, -e.errno) from None
     if not mode & uapi.UFFDIO_MOVE_MODE_DONTWAKE and (ctx.fault_pending or ctx.fault_read):
         ctx.wake_range(dst, done)  # wake_userfault
     if done != length:
-        _fail(errno.EAGAIN, arg)
+        raise IoctlFailure(errno.EAGAIN, done)
+    return done
 
 
-def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect, _mm: Any = None) -> None:
-    """UFFDIO_WRITEPROTECT (``userfaultfd_writeprotect``)."""
+def writeprotect(ctx: Userfaultfd, start: int, length: int, mode: int) -> None:
+    """UFFDIO_WRITEPROTECT (``userfaultfd_writeprotect``): no output field."""
     if ctx.mmap_changing:
-        _fail(errno.EAGAIN, arg)
-    r = arg.range
-    start, length = r.start, r.len
+        raise IoctlFailure(errno.EAGAIN)
     if not (0 < length and not (length | start) & _PAGE_LOW and 0 <= start < TASK_SIZE
             and length <= TASK_SIZE - start):  # not _sane(start, length)
-        _validate(arg, start, length)
-    mode = arg.mode
+        _validate(start, length)
     if mode & ~(uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE | uapi.UFFDIO_WRITEPROTECT_MODE_WP):
-        _fail(errno.EINVAL, arg)
+        raise IoctlFailure(errno.EINVAL)
     wp = mode & uapi.UFFDIO_WRITEPROTECT_MODE_WP != 0
     dontwake = mode & uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
     if wp and dontwake:
-        _fail(errno.EINVAL, arg)
+        raise IoctlFailure(errno.EINVAL)
     if ctx.mm.dead:
-        _fail(errno.ESRCH, arg)
+        raise IoctlFailure(errno.ESRCH)
     try:
         mwriteprotect_range(ctx, start, length, wp)
     except OSError as e:
-        _fail(e.errno or errno.EINVAL, arg)
+        raise IoctlFailure(e.errno or errno.EINVAL) from None
     if not wp and not dontwake and (ctx.fault_pending or ctx.fault_read):  # wake_userfault
         ctx.wake_range(start, length)
+
+
+# -- the uABI structs' side: field in, field out ------------------------------------
+
+def uffdio_copy(ctx: Userfaultfd, arg: uapi.uffdio_copy, _mm: Any = None) -> None:
+    """UFFDIO_COPY on its struct: ``copy`` gets the bytes copied or ``-errno``."""
+    try:
+        arg.copy = copy(ctx, arg.dst, arg.src, arg.len, arg.mode)
+    except IoctlFailure as f:
+        fail_with(f, arg, "copy")
+
+
+def uffdio_zeropage(ctx: Userfaultfd, arg: uapi.uffdio_zeropage, _mm: Any = None) -> None:
+    """UFFDIO_ZEROPAGE on its struct: ``zeropage`` gets the bytes zeroed or ``-errno``."""
+    try:
+        arg.zeropage = zeropage(ctx, arg.range.start, arg.range.len, arg.mode)
+    except IoctlFailure as f:
+        fail_with(f, arg, "zeropage")
+
+
+def uffdio_continue(ctx: Userfaultfd, arg: uapi.uffdio_continue, _mm: Any = None) -> None:
+    """UFFDIO_CONTINUE on its struct: ``mapped`` gets the bytes mapped or ``-errno``."""
+    try:
+        arg.mapped = continue_(ctx, arg.range.start, arg.range.len, arg.mode)
+    except IoctlFailure as f:
+        fail_with(f, arg, "mapped")
+
+
+def uffdio_poison(ctx: Userfaultfd, arg: uapi.uffdio_poison, _mm: Any = None) -> None:
+    """UFFDIO_POISON on its struct: ``updated`` gets the bytes poisoned or ``-errno``."""
+    try:
+        arg.updated = poison(ctx, arg.range.start, arg.range.len, arg.mode)
+    except IoctlFailure as f:
+        fail_with(f, arg, "updated")
+
+
+def uffdio_move(ctx: Userfaultfd, arg: uapi.uffdio_move, caller_mm: Any) -> None:
+    """UFFDIO_MOVE on its struct: ``move`` gets the bytes moved or ``-errno``."""
+    try:
+        arg.move = move(ctx, arg.dst, arg.src, arg.len, arg.mode, caller_mm)
+    except IoctlFailure as f:
+        fail_with(f, arg, "move")
+
+
+def uffdio_writeprotect(ctx: Userfaultfd, arg: uapi.uffdio_writeprotect, _mm: Any = None) -> None:
+    """UFFDIO_WRITEPROTECT on its struct (which has no output field)."""
+    try:
+        writeprotect(ctx, arg.range.start, arg.range.len, arg.mode)
+    except IoctlFailure as f:
+        fail_with(f, arg, None)
 
 
 def dispatch(ctx: Userfaultfd, cmd: int, arg: Any, caller_mm: Any) -> Any:
@@ -291,7 +335,10 @@ def _unregister(ctx: Userfaultfd, arg: uapi.uffdio_range, _mm: Any) -> None:
 
 
 def _wake(ctx: Userfaultfd, arg: uapi.uffdio_range, _mm: Any) -> None:
-    _validate(arg, arg.start, arg.len)
+    try:
+        _validate(arg.start, arg.len)
+    except IoctlFailure as f:
+        fail_with(f, arg, None)
     ctx.wake_range(arg.start, arg.len)
 
 
