@@ -259,7 +259,7 @@ class Userfaultfd:
         try:
             return int(ops.copy(self, dst, src, len, mode))
         except ops.IoctlFailure as f:
-            ops.fail_with(f, uapi.uffdio_copy(dst, src, len, mode), "copy")
+            raise ops.struct_error(f, uapi.uffdio_copy(dst, src, len, mode), "copy") from None
 
     def zeropage(self, start: int, len: int, mode: int = 0) -> int:  # noqa: A002
         """UFFDIO_ZEROPAGE; returns bytes zeroed."""
@@ -272,8 +272,8 @@ class Userfaultfd:
         try:
             return int(ops.zeropage(self, start, len, mode))
         except ops.IoctlFailure as f:
-            ops.fail_with(f, uapi.uffdio_zeropage(uapi.uffdio_range(start, len), mode),
-                          "zeropage")
+            arg = uapi.uffdio_zeropage(uapi.uffdio_range(start, len), mode)
+            raise ops.struct_error(f, arg, "zeropage") from None
 
     def writeprotect(self, start: int, len: int, mode: int) -> None:  # noqa: A002
         """UFFDIO_WRITEPROTECT: MODE_WP protects, 0 unprotects (and wakes unless DONTWAKE)."""
@@ -286,7 +286,8 @@ class Userfaultfd:
         try:
             ops.writeprotect(self, start, len, mode)
         except ops.IoctlFailure as f:
-            ops.fail_with(f, uapi.uffdio_writeprotect(uapi.uffdio_range(start, len), mode), None)
+            arg = uapi.uffdio_writeprotect(uapi.uffdio_range(start, len), mode)
+            raise ops.struct_error(f, arg, None) from None
 
     def continue_(self, start: int, len: int, mode: int = 0) -> int:  # noqa: A002
         """UFFDIO_CONTINUE; returns bytes mapped."""
@@ -299,8 +300,8 @@ class Userfaultfd:
         try:
             return int(ops.continue_(self, start, len, mode))
         except ops.IoctlFailure as f:
-            ops.fail_with(f, uapi.uffdio_continue(uapi.uffdio_range(start, len), mode),
-                          "mapped")
+            arg = uapi.uffdio_continue(uapi.uffdio_range(start, len), mode)
+            raise ops.struct_error(f, arg, "mapped") from None
 
     def poison(self, start: int, len: int, mode: int = 0) -> int:  # noqa: A002
         """UFFDIO_POISON; returns bytes poisoned."""
@@ -319,7 +320,7 @@ class Userfaultfd:
         try:
             return int(ops.move(self, dst, src, len, mode, self.process.mm))
         except ops.IoctlFailure as f:
-            ops.fail_with(f, uapi.uffdio_move(dst, src, len, mode), "move")
+            raise ops.struct_error(f, uapi.uffdio_move(dst, src, len, mode), "move") from None
 
     def pagemap_scan(self, start: int, end: int, flags: int = 0) -> list[Any]:
         """PAGEMAP_SCAN over a WP_ASYNC range: which pages were written (and re-protect)."""

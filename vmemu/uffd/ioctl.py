@@ -59,11 +59,19 @@ class IoctlFailure(Exception):
         self.out = out  # copy / zeropage / mapped / updated / move; None: left untouched
 
 
-def fail_with(f: IoctlFailure, arg: Any, field: str | None) -> NoReturn:
-    """Write the failure's output field into ``arg`` (if the kernel wrote it) and raise."""
+def struct_error(f: IoctlFailure, arg: Any, field: str | None) -> OSError:
+    """The ``OSError`` for ``f``: the output field written into ``arg`` if the kernel wrote
+    it, and ``arg`` as ``e.struct``."""
     if field is not None and f.out is not None:
         setattr(arg, field, f.out)
-    _fail(f.errno, arg)
+    e = errno_error(f.errno)
+    e.struct = arg  # type: ignore[attr-defined]
+    return e
+
+
+def fail_with(f: IoctlFailure, arg: Any, field: str | None) -> NoReturn:
+    """Raise :func:`struct_error`."""
+    raise struct_error(f, arg, field) from None
 
 
 def _finish(ctx: Userfaultfd, start: int, length: int, dontwake: int, run: Any) -> int:
