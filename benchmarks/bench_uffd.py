@@ -37,6 +37,12 @@ on the kernel (same CPU, split). Ratios: inline / kernel same-CPU (target
 1.0x, stretch 0.6x); thread same-CPU / kernel same-CPU (2.0x); thread split
 / kernel split (1.25x).
 
+Within a repetition the ways ("arms") are set up side by side and timed in
+ten interleaved slices of the pages, each arm taking its next slice in turn
+(the order rotating): this VM's host has fast and slow spells of a few
+seconds, and an arm timed whole, seconds after its reference, could land in
+another spell than the reference did.
+
 Single ioctls without faults (nobody waits, no wake-up to do): COPY,
 ZEROPAGE, CONTINUE, MOVE and WRITEPROTECT (protect, then unprotect) over
 fresh ranges, 4 KiB per call (target 1.5x the kernel) and 2 MiB per call,
@@ -200,27 +206,6 @@ class Setup:
         """The address of every page of the registered range."""
         return range(self.area, self.area + self.size, PAGE_SIZE)
 
-    def access_loop(self, task: Any) -> Callable[[], None]:
-        """A loop touching every page once: a read, or a write for WP."""
-        pages = self.pages()
-        read, write = task.read, task.write
-        if not isinstance(self.proc, vmemu.Process):
-            # The kernel reference touches memory with a bare ctypes.memmove, as before
-            # NativeTask made its accesses signal-safe (~1 us more per access).
-            from vmemu.native.process import raw_read as read
-            from vmemu.native.process import raw_write as write
-        if self.kind == "WP":
-
-            def run() -> None:
-                for a in pages:
-                    write(a, b"\x02")
-        else:
-
-            def run() -> None:
-                for a in pages:
-                    read(a, 1)
-        return run
-
     def close(self) -> None:
         """Close the uffd and unmap everything."""
         self.uffd.close()
@@ -228,6 +213,27 @@ class Setup:
             self.proc.munmap(a, length)
         if self.fd >= 0:
             self.proc.close(self.fd)
+
+
+def _touch(s: Setup, task: Any) -> Callable[[range], None]:
+    """A loop touching each page of a range once: a read, or a write for WP."""
+    read, write = task.read, task.write
+    if not isinstance(s.proc, vmemu.Process):
+        # The kernel reference touches memory with a bare ctypes.memmove, as before
+        # NativeTask made its accesses signal-safe (~1 us more per access).
+        from vmemu.native.process import raw_read as read
+        from vmemu.native.process import raw_write as write
+    if s.kind == "WP":
+
+        def run(pages: range) -> None:
+            for a in pages:
+                write(a, b"\x02")
+    else:
+
+        def run(pages: range) -> None:
+            for a in pages:
+                read(a, 1)
+    return run
 
 
 def handler_loop(s: Setup, count: int) -> None:
@@ -261,19 +267,30 @@ def _pinned(cpus: set[int], fn: Callable[[], float]) -> float:
 
 def time_round_trip(proc: Any, kind: str, n: int, how: str) -> float:
     """Seconds per fault: ``how`` is "inline", "same" (one CPU) or "split" (two CPUs)."""
-    import gc
+    return time_round_trips({how: (proc, how)}, kind, n, 1)[how]
 
-    s = Setup(proc, kind, n)
-    loop = s.access_loop(proc.main)
-    try:
+
+class Arm:
+    """One way of taking ``kind`` round trips, set up once and timed chunk by chunk.
+
+    ``how``: "inline" (the handler runs on the faulting task), "same" (a
+    handler thread on the faulting thread's CPU) or "split" (on another CPU).
+    """
+
+    def __init__(self, proc: Any, kind: str, n: int, how: str) -> None:
+        self.how = how
+        self.s = s = Setup(proc, kind, n)
+        self.pages = s.pages()
+        self.touch = _touch(s, proc.main)
+        self.handler: Any = None
+        cpus = sorted(os.sched_getaffinity(0))
+        self.all_cpus = set(cpus)
+        self.fault_cpus = self.all_cpus
         if how == "inline":
             s.uffd.set_inline_handler(inline_handler(s))
-            gc.collect()
-            t0 = _harness.clock()
-            loop()
-            return (_harness.clock() - t0) / n
-        cpus = sorted(os.sched_getaffinity(0))
+            return
         fault_cpu, handler_cpu = cpus[0], cpus[0] if how == "same" else cpus[-1]
+        self.fault_cpus = {fault_cpu}
         ready = threading.Event()
 
         def handler(_task: Any) -> None:
@@ -281,18 +298,50 @@ def time_round_trip(proc: Any, kind: str, n: int, how: str) -> float:
             ready.set()
             handler_loop(s, n)
 
-        def run() -> float:
-            h = proc.spawn(handler, name="handler")
-            ready.wait()
-            gc.collect()
+        self.handler = proc.spawn(handler, name="handler")
+        ready.wait()
+
+    def run(self, lo: int, hi: int) -> float:
+        """Seconds to touch pages ``lo`` to ``hi`` (one round trip each)."""
+        os.sched_setaffinity(0, self.fault_cpus)
+        try:
             t0 = _harness.clock()
-            loop()
-            t = _harness.clock() - t0
-            h.join()
-            return t / n
-        return _pinned({fault_cpu}, run)
+            self.touch(self.pages[lo:hi])
+            return _harness.clock() - t0
+        finally:
+            os.sched_setaffinity(0, self.all_cpus)
+
+    def close(self) -> None:
+        """Wait for the handler (it has read every message), unmap everything."""
+        try:
+            if self.handler is not None:
+                self.handler.join()
+        finally:
+            self.s.close()
+
+
+def time_round_trips(arms: dict[str, tuple[Any, str]], kind: str, n: int,
+                     chunks: int = 10) -> dict[str, float]:
+    """Seconds per fault for each arm (``name: (process, how)``), timed in ``chunks``
+    interleaved slices of the ``n`` pages: every arm takes its next slice in turn (the
+    order rotating), so all of them are measured through the same moments of the host."""
+    import gc
+
+    live: dict[str, Arm] = {}
+    try:
+        for name, (proc, how) in arms.items():
+            live[name] = Arm(proc, kind, n, how)
+        total = dict.fromkeys(live, 0.0)
+        order = list(live)
+        bounds = [n * i // chunks for i in range(chunks + 1)]
+        for c in range(chunks):
+            gc.collect()
+            for name in order[c % len(order):] + order[:c % len(order)]:
+                total[name] += live[name].run(bounds[c], bounds[c + 1])
+        return {name: t / n for name, t in total.items()}
     finally:
-        s.close()
+        for arm in live.values():
+            arm.close()
 
 
 def time_ioctls(proc: Any, kind: str, n: int, chunk: int) -> float:
@@ -379,24 +428,24 @@ class RoundTrip(Scenario):
                 _ratio_metric(self, "split", f"{kind}: vmemu thread / kernel, split", 1.25)
 
     def run_once(self) -> None:
-        n, kind = self.n, self.kind
         hows = ["inline", "same"] + (["split"] if self.split else [])
-        emu = {how: time_round_trip(emu_process(), kind, n, how) for how in hows}
-        for how, t in emu.items():
-            self.record(f"{how}_us", t * 1e6)
+        arms = {how: (emu_process(), how) for how in hows}
         if self.split:
-            pipe = time_round_trip(emu_process(spin_ns=0), kind, n, "split")
-            self.record("pipe_us", pipe * 1e6)
-            self.record("spin", emu["split"] / pipe)
+            arms["pipe"] = (emu_process(spin_ns=0), "split")
+        if self.kernel:
+            for how in hows[1:]:
+                arms[f"k_{how}"] = (native_process(), how)
+        t = time_round_trips(arms, self.kind, self.n)
+        for name, per_fault in t.items():
+            self.record(f"{name}_us", per_fault * 1e6)
+        if self.split:
+            self.record("spin", t["split"] / t["pipe"])
         if not self.kernel:
             return
-        k = {how: time_round_trip(native_process(), kind, n, how) for how in hows[1:]}
-        for how, t in k.items():
-            self.record(f"k_{how}_us", t * 1e6)
-        self.record("inline", emu["inline"] / k["same"])
-        self.record("same", emu["same"] / k["same"])
+        self.record("inline", t["inline"] / t["k_same"])
+        self.record("same", t["same"] / t["k_same"])
         if self.split:
-            self.record("split", emu["split"] / k["split"])
+            self.record("split", t["split"] / t["k_split"])
 
 
 class Ioctls(Scenario):

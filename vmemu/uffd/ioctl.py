@@ -49,8 +49,8 @@ class IoctlFailure(Exception):
 
     The operations below take plain integers, so that the Pythonic methods
     (``uffd.copy(dst, src, len)``) need no uABI struct unless they fail;
-    :func:`fail_with` turns this into the ``OSError`` both call styles raise,
-    with the struct as the kernel left it in ``e.struct``.
+    :func:`struct_error` turns this into the ``OSError`` both call styles
+    raise, with the struct as the kernel left it in ``e.struct``.
     """
 
     def __init__(self, err: int, out: int | None = None) -> None:
