@@ -256,15 +256,6 @@ def inline_handler(s: Setup) -> Callable[[Any], None]:
 
 # -- timing ------------------------------------------------------------------------
 
-def _pinned(cpus: set[int], fn: Callable[[], float]) -> float:
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        return fn()
-    finally:
-        os.sched_setaffinity(0, old)
-
-
 def time_round_trip(proc: Any, kind: str, n: int, how: str) -> float:
     """Seconds per fault: ``how`` is "inline", "same" (one CPU) or "split" (two CPUs)."""
     return time_round_trips({how: (proc, how)}, kind, n, 1)[how]
@@ -278,7 +269,6 @@ class Arm:
     """
 
     def __init__(self, proc: Any, kind: str, n: int, how: str) -> None:
-        self.how = how
         self.s = s = Setup(proc, kind, n)
         self.pages = s.pages()
         self.touch = _touch(s, proc.main)
