@@ -244,9 +244,11 @@ class Userfaultfd:
         """UFFDIO_WAKE: wake tasks whose fault address is in the range."""
         self.ioctl(uapi.UFFDIO_WAKE, uapi.uffdio_range(start, len))
 
-    # The range ioctls called as methods: the operation itself, with the uABI struct built
-    # only to go with an error (``e.struct``) - unless the call is traced or comes before
-    # the handshake, when it takes the ioctl path above, struct and all.
+    # The range ioctls a fault handler calls, as methods (copy, zeropage, writeprotect,
+    # continue_, move): the operation itself, with the uABI struct built only to go with
+    # an error (``e.struct``) - unless the call is traced or comes before the handshake,
+    # when it takes the ioctl path above, struct and all. The others (wake, poison, ...)
+    # always take that path.
 
     def copy(self, dst: int, src: int, len: int, mode: int = 0) -> int:  # noqa: A002
         """UFFDIO_COPY; returns bytes copied (partial progress: EAGAIN, ``e.struct.copy``)."""
