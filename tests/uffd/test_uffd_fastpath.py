@@ -374,3 +374,15 @@ def test_must_wait_on_the_faulting_entry_matches_the_walk(
     delivered = extra in ("", "hugepage", "wp-marker", "protected", "uncached", "sigbus") and \
         (mode, access) != ("wp", "read") and (mode, extra) != ("minor", "uncached")
     assert bool(checked) == delivered  # the hook was called in both runs, or in neither
+
+
+def test_pagefault_msg_is_the_attrs_message() -> None:
+    """The fault path's ``pagefault_msg`` builds exactly what ``PagefaultMsg(...)`` does."""
+    for args in ((0, 0, 0), (uapi.UFFD_PAGEFAULT_FLAG_WRITE | uapi.UFFD_PAGEFAULT_FLAG_WP,
+                             0x7FFF_FFFF_F000, 4242)):
+        fast, slow = uapi.pagefault_msg(*args), uapi.PagefaultMsg(*args)
+        assert type(fast) is uapi.PagefaultMsg
+        assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+        assert fast.pack() == slow.pack() and uapi.decode_msg(fast.pack()) == slow
+        with pytest.raises(AttributeError):  # still frozen
+            fast.address = 0  # type: ignore[misc]

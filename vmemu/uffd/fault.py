@@ -42,6 +42,7 @@ from vmemu.uffd.uapi import (
     UFFD_PAGEFAULT_FLAG_WRITE,
     UFFD_USER_MODE_ONLY,
     PagefaultMsg,
+    pagefault_msg,
 )
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ def handle_userfault(ctx: Userfaultfd, vmf: VmFaultInfo, reason: int) -> VmFault
     ptid = 0
     if features & UFFD_FEATURE_THREAD_ID and task is not None:
         ptid = int(getattr(task, "tid", 0))
-    uwq = UserfaultWait(PagefaultMsg(flags, address, ptid), task, address)
+    uwq = UserfaultWait(pagefault_msg(flags, address, ptid), task, address)
     mm = ctx.mm
     if ctx.tracer.enabled:
         ctx.trace("userfault", addr=address, flags=flags)

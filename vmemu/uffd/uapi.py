@@ -428,6 +428,27 @@ class PagefaultMsg(_Msg):
     _LAYOUT: ClassVar[struct.Struct] = _PAGEFAULT
 
 
+_new_object = object.__new__
+_set_pf_flags = PagefaultMsg.__dict__["flags"].__set__
+_set_pf_address = PagefaultMsg.__dict__["address"].__set__
+_set_pf_ptid = PagefaultMsg.__dict__["ptid"].__set__
+
+
+def pagefault_msg(flags: int, address: int, ptid: int) -> PagefaultMsg:
+    """``PagefaultMsg(flags, address, ptid)``, as the fault path builds it (``userfault_msg``).
+
+    The same object, its slots filled directly: a frozen attrs class's
+    ``__init__`` goes through ``object.__setattr__`` once per field, which
+    takes about half as long again as filling the slots (0.39 us against
+    0.26 here); this runs once per fault.
+    """
+    msg = _new_object(PagefaultMsg)
+    _set_pf_flags(msg, flags)
+    _set_pf_address(msg, address)
+    _set_pf_ptid(msg, ptid)
+    return msg
+
+
 @attrs.frozen
 class ForkMsg(_Msg):
     """UFFD_EVENT_FORK: ``arg.fork.ufd`` = the child's new uffd, in the reader's fd table."""
