@@ -17,7 +17,8 @@
  *     caller must then write one byte to wfd (after letting go of the GIL).
  *   vmemu_park() - called with the GIL released (ctypes.CDLL): consumes the
  *     permit, spinning up to spin_ns first when the task that will run next
- *     is on another CPU, then sleeping on the pipe.
+ *     is known to be on another CPU (a task that never parked yet is on no
+ *     known CPU: no spinning for it), then sleeping on the pipe.
  * The permit/state exchanges are sequentially consistent, so a waker that
  * sets the permit either is seen by the parker or sees it SLEEPING (the
  * store-load pair of Dekker's algorithm). A byte is written only for a
@@ -128,13 +129,14 @@ static int spin(struct vmemu_park *p, long spin_ns)
 int vmemu_park(struct vmemu_park *p, long spin_ns, int timeout_ms)
 {
 	int me = sched_getcpu();
-	int s;
+	int next, s;
 	char c;
 
 	atomic_fetch_add(&parks, 1);
 	if (atomic_exchange(&p->permit, 0))
 		goto woken;
-	if (spin_ns > 0 && atomic_load(&next_cpu) != me && spin(p, spin_ns))
+	next = atomic_load(&next_cpu);
+	if (spin_ns > 0 && next >= 0 && next != me && spin(p, spin_ns))
 		goto woken;
 	atomic_store(&p->state, SLEEPING);
 	if (atomic_exchange(&p->permit, 0)) {
