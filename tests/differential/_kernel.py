@@ -43,6 +43,36 @@ else:  # pragma: no cover - imported for type checkers only
     libc = None  # type: ignore[assignment]
 
 
+#: Where the next low reservation is tried (see `reserve_low`).
+_LOW_HINT = [64 << 30]
+
+
+def reserve_low(length: int) -> int:
+    """A PROT_NONE reservation of ``length`` bytes far below this process's other mappings.
+
+    A test that unmaps part of its window (munmap, an mremap away) leaves a hole
+    that the kernel may hand to the next ``mmap(NULL)`` of the interpreter
+    itself - a pymalloc arena, a big bytearray: those are placed top-down from
+    just under the stack, in the highest gap that fits, and a hole of a few MiB
+    next to them is such a gap. A write the test then makes there expecting
+    SIGSEGV, or a MAP_FIXED into the hole, lands in Python's heap (the "Fatal
+    Python error: Segmentation fault" seen now and then in full runs). A window
+    at 64 GiB and up is below every gap the allocator will ever try first.
+    """
+    from vmemu.constants import MAP_FIXED_NOREPLACE
+
+    step = (length + (1 << 30) - 1) & ~((1 << 30) - 1)
+    for _ in range(256):
+        hint = _LOW_HINT[0]
+        _LOW_HINT[0] += step
+        try:
+            return libc.mmap(hint, length, PROT_NONE,
+                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
+        except OSError:  # EEXIST: something is there already; try the next slot
+            continue
+    raise OSError("no free low address range for a test window")
+
+
 def host_free_hugepages() -> int:
     """Free and unreserved 2 MiB pages of the host's hugetlb pool (0 if unknown)."""
     free = rsvd = 0

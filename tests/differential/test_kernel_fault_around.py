@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON
+from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON, reserve_low
 from vmemu import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -72,7 +72,7 @@ def test_read_faults_map_the_same_neighbours(case: int) -> None:
         if i * P < size:
             os.pwrite(fd, b"c%02d" % i, i * P)
             p.pwrite(efd, b"c%02d" % i, i * P)
-    raw = libc.mmap(0, 2 * H + length * P, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+    raw = reserve_low(2 * H + length * P)
     eraw = p.mmap(0, 2 * H + length * P, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
     try:
         a = ((raw + H - 1) & ~(H - 1)) + shift * P

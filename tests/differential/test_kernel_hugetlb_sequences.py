@@ -15,7 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON, native_access_or_skip
+from tests.differential._kernel import (
+    ON_LINUX_X86_64,
+    SKIP_REASON,
+    native_access_or_skip,
+    reserve_low,
+)
 from vmemu import (
     MADV_COLD,
     MADV_DONTNEED,
@@ -93,7 +98,7 @@ class Host(Side):
         from vmemu.native import libc
 
         self.libc, self.access = libc, native_access_or_skip()
-        raw = libc.mmap(0, SPAN + H, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+        raw = reserve_low(SPAN + H)
         self.raw = raw
         self.lo = (raw + H - 1) & ~(H - 1)
         libc.mmap(self.at(0), 2 * H, RW, flags | MAP_FIXED)

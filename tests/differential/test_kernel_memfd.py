@@ -19,7 +19,12 @@ from typing import Any
 
 import pytest
 
-from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON, native_access_or_skip
+from tests.differential._kernel import (
+    ON_LINUX_X86_64,
+    SKIP_REASON,
+    native_access_or_skip,
+    reserve_low,
+)
 from vmemu import (
     MADV_COLD,
     MADV_DONTNEED,
@@ -156,7 +161,7 @@ class Host(Side):
         self.libc.munmap(addr, length)
 
     def _reserve(self, span: int) -> int:
-        a = self.libc.mmap(0, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+        a = reserve_low(span)
         self.reserved.append((a, span))
         return a
 

@@ -24,7 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON, native_access_or_skip
+from tests.differential._kernel import (
+    ON_LINUX_X86_64,
+    SKIP_REASON,
+    native_access_or_skip,
+    reserve_low,
+)
 from vmemu import (
     MADV_COLD,
     MADV_DONTNEED,
@@ -79,7 +84,7 @@ class Host:
         self.libc, self.access = libc, native_access_or_skip()
         self.fd = os.memfd_create("seq")
         os.ftruncate(self.fd, N * P)
-        self.raw = libc.mmap(0, SPAN, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+        self.raw = reserve_low(SPAN)
         self.maps = [libc.mmap(_slot(self.raw, j), N * P, RW, flags | MAP_FIXED, self.fd, pg * P)
                      for j, (_n, flags, pg) in enumerate(MAPS)]
         for i in range(N):

@@ -27,7 +27,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.differential._kernel import ON_LINUX_X86_64, SKIP_REASON, native_access_or_skip
+from tests.differential._kernel import (
+    ON_LINUX_X86_64,
+    SKIP_REASON,
+    native_access_or_skip,
+    reserve_low,
+)
 from vmemu import (
     MADV_COLD,
     MADV_COLLAPSE,
@@ -115,7 +120,7 @@ class Host:
         from vmemu.native import libc
 
         self.libc, self.access = libc, native_access_or_skip()
-        self.raw = libc.mmap(0, N * P + 2 * H, PROT_NONE, PRIV)
+        self.raw = reserve_low(N * P + 2 * H)
         self.base = (self.raw + H - 1) & ~(H - 1)
         libc.mmap(self.base, N * P, RW, PRIV | MAP_FIXED)
         libc.madvise(self.base, N * P, MADV_HUGEPAGE)
