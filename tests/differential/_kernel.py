@@ -3,10 +3,10 @@
 Each side reserves 64 MiB with ``mmap(PROT_NONE)`` and unmaps a small window
 in its middle; every MAP_FIXED operation of a test happens inside that
 window, addressed in *pages relative to the window's base*. The rest of the
-reservation stays mapped PROT_NONE as a guard: no stray allocation of the
-Python process can land in the window (it is far smaller than any mmap
-glibc or CPython make), and the guards are VMAs the window's mappings can
-merge with, on both sides alike.
+reservation stays mapped PROT_NONE as a guard the window's mappings can
+merge with, on both sides alike. On the kernel side it lies at 64 GiB and up
+(`reserve_low`), where no mapping of the interpreter's own - an arena, a
+library, a thread stack - is placed in a hole the test leaves in its window.
 
 The kernel side uses :mod:`vmemu.native.libc` (ctypes ``syscall(2)``
 wrappers that raise ``OSError(errno)``); reads use ``peek_memory`` and are
@@ -207,7 +207,7 @@ class KernelSide(Side):
     name = "kernel"
 
     def __init__(self) -> None:
-        self.reserve = libc.mmap(0, RESERVE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+        self.reserve = reserve_low(RESERVE)
         self.base = self.reserve + RESERVE // 2
         libc.munmap(self.base, WINDOW_PAGES * PAGE_SIZE)
 
