@@ -274,7 +274,9 @@ class PageModel:
         the two as one frame).
         """
         if self.kind == "private" and self.data is None:
-            self.data = self.content()
+            # its own object: content() of a hole is the one ZERO_PAGE, and hwpoison
+            # takes pages whose data is the same object for one frame
+            self.data = bytes(bytearray(self.content()))
         elif self.kind != "shared" and self.data is not None:
             self.data = bytes(bytearray(self.data))
 
