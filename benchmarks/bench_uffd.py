@@ -256,11 +256,6 @@ def inline_handler(s: Setup) -> Callable[[Any], None]:
 
 # -- timing ------------------------------------------------------------------------
 
-def time_round_trip(proc: Any, kind: str, n: int, how: str) -> float:
-    """Seconds per fault: ``how`` is "inline", "same" (one CPU) or "split" (two CPUs)."""
-    return time_round_trips({how: (proc, how)}, kind, n, 1)[how]
-
-
 class Arm:
     """One way of taking ``kind`` round trips, set up once and timed chunk by chunk.
 
