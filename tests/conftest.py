@@ -19,15 +19,32 @@ Pick one with the environment variable ``VMEMU_HYPOTHESIS_PROFILE``:
 
 Property tests take their example counts from the active profile (a test
 that needs fewer scales ``settings().max_examples`` down) so a profile
-change scales the whole suite. Nothing else lives here: fixtures belong to
-the directory that uses them.
+change scales the whole suite.
+
+Besides the profiles, only the session-wide guard of :mod:`_mapguard` lives
+here (tests in four directories drive the real kernel's memory calls); other
+fixtures belong to the directory that uses them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
+from _mapguard import install
 from hypothesis import HealthCheck, settings
+
+_GUARD = install()
+
+
+@pytest.fixture(autouse=True)
+def _no_trespass() -> Iterator[None]:
+    """Fail a test whose real-memory calls the guard refused, even on another thread."""
+    before = len(_GUARD.refused) if _GUARD else 0
+    yield
+    if _GUARD and len(_GUARD.refused) > before:
+        pytest.fail("\n\n".join(_GUARD.refused[before:]), pytrace=False)
 
 settings.register_profile(
     "default",

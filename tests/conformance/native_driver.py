@@ -45,6 +45,8 @@ _FUTEX = "202"
 _SAMPLE_S = 0.002
 _STABLE_SAMPLES = 3
 F_SETPIPE_SZ = 1031
+#: Where scenarios are placed (see ``find_free_area``).
+_LOW_ZONE = 8 << 40
 
 
 def _task_sample(tid: int) -> tuple[str, str, int, int] | None:
@@ -253,10 +255,24 @@ class NativeDriver(Driver):
     # -- address space --------------------------------------------------------
 
     def find_free_area(self, length: int) -> int:
-        flags = linux.MAP_PRIVATE | linux.MAP_ANONYMOUS | linux.MAP_NORESERVE
-        addr = libc.mmap(0, length, linux.PROT_NONE, flags)
-        libc.munmap(addr, length)
-        return addr
+        """A free area in the low zone (8 TiB and up), not where ``mmap(NULL)`` would put it.
+
+        The runner maps its regions there with MAP_FIXED after this returns; an area
+        the kernel's top-down search picks is where the interpreter's own allocator
+        maps next, and a MAP_FIXED over it would destroy Python's memory. Nothing of
+        the interpreter's is ever placed this far below the stack.
+        """
+        flags = (linux.MAP_PRIVATE | linux.MAP_ANONYMOUS | linux.MAP_NORESERVE
+                 | linux.MAP_FIXED_NOREPLACE)
+        step = max(length, 1 << 30)
+        for hint in range(_LOW_ZONE, _LOW_ZONE + 64 * step, step):
+            try:
+                addr = libc.mmap(hint, length, linux.PROT_NONE, flags)
+            except OSError:  # EEXIST: a leftover of an earlier scenario; try the next
+                continue
+            libc.munmap(addr, length)
+            return addr
+        raise OSError("no free area for a scenario in the low zone")
 
     def mmap(
         self, addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0

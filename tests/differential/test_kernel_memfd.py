@@ -100,6 +100,7 @@ class Side:
     def unmap(self, m: int) -> None:
         addr, length = self.maps[m]
         self._munmap(addr, length)
+        self.maps[m] = (addr, 0)  # gone: close() must not unmap whatever comes there next
 
     def move(self, m: int, span: int, shift: int) -> None:
         """mremap mapping ``m`` to ``shift`` past a 2 MiB boundary inside a fresh ``span``."""
@@ -187,6 +188,8 @@ class Host(Side):
 
     def close(self) -> None:
         for addr, length in self.maps + self.reserved:
+            if not length:
+                continue
             try:
                 self.libc.munmap(addr, length)
             except OSError:

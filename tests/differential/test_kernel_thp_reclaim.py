@@ -95,7 +95,7 @@ class Host:
 
         self.libc = libc
         self.raw = libc.mmap(0, 2 * H, RW, PRIV)
-        self.a = (self.raw + H - 1) & ~(H - 1)
+        self.a = self.home = (self.raw + H - 1) & ~(H - 1)
         libc.madvise(self.a, H, MADV_HUGEPAGE)
         for i in range(512):
             libc.poke_memory(self.a + i * P, page(i))
@@ -114,7 +114,15 @@ class Host:
                 bits, data)
 
     def close(self) -> None:
-        self.libc.munmap(self.raw, 2 * H)
+        if self.a == self.home:
+            self.libc.munmap(self.raw, 2 * H)
+            return
+        # The THP was moved away (its new place is the caller's to unmap): the hole it
+        # left may hold the interpreter's memory by now, so unmap only what is still ours.
+        if self.home > self.raw:
+            self.libc.munmap(self.raw, self.home - self.raw)
+        if self.raw + H > self.home:
+            self.libc.munmap(self.home + H, self.raw + H - self.home)
 
 
 class Emu:

@@ -36,6 +36,12 @@ RW = PROT_READ | PROT_WRITE
 MISSING = uapi.UFFDIO_REGISTER_MODE_MISSING
 
 
+#: Where the reservations go: the mremaps leave a hole in them, and one placed by
+#: mmap(NULL) would lie among the interpreter's own mappings, which may take the hole
+#: before the final munmap of the whole reservation (tests/_mapguard.py).
+LOW_HINT = 12 << 40
+
+
 def _monitor(u: Any, base: int, fn: Callable[[], Any]) -> tuple[Any, list[tuple[Any, ...]]]:
     """Run ``fn`` on a thread; every event it raises (relative to ``base``), then its result."""
     box: list[Any] = []
@@ -91,7 +97,7 @@ def mremap_fixed_over_registered(p: Any) -> Any:
     """mremap(MAYMOVE|FIXED) of a registered page onto another registered page:
     ``notify_uffd`` delivers the destination's UNMAP (``uf_unmap_early``) first,
     then REMAP, then the source's UNMAP (``uf_unmap``)."""
-    res = p.mmap(0, 8 * PAGE_SIZE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+    res = p.mmap(LOW_HINT, 8 * PAGE_SIZE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
     a = p.mmap(res + 2 * PAGE_SIZE, 4 * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
     u = p.userfaultfd(uapi.O_NONBLOCK | uapi.O_CLOEXEC)
     u.api(uapi.UFFD_FEATURE_EVENT_REMAP | uapi.UFFD_FEATURE_EVENT_UNMAP)
@@ -110,7 +116,7 @@ def mremap_merged_source(p: Any, with_anon_vma: bool) -> Any:
     EVENT_REMAP: the destination's UNMAP always; the source's only if its VMA is still
     registered when the old range goes. An untouched VMA has no anon_vma, so copy_vma merges
     the new VMA into it and ``mremap_userfaultfd_prep``'s reset unregisters both first."""
-    res = p.mmap(0, 8 * PAGE_SIZE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
+    res = p.mmap(LOW_HINT, 8 * PAGE_SIZE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS)
     a = p.mmap(res + 2 * PAGE_SIZE, 4 * PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
     src = p.mmap(0, PAGE_SIZE, RW, MAP_PRIVATE | MAP_ANONYMOUS)
     u = p.userfaultfd(uapi.O_NONBLOCK | uapi.O_CLOEXEC)
