@@ -10,10 +10,11 @@ Python's own memory, and the interpreter dies seconds later in unrelated code
 culprit). The guard turns that into an immediate, attributable failure.
 
 It wraps ``libc.mmap`` / ``munmap`` / ``mremap`` / ``mprotect`` / ``madvise``
-for the whole session and keeps the set of byte ranges the tests own: what
-their ``mmap`` and ``mremap`` calls returned, less what they unmapped or moved
-away. Before a call that changes existing mappings it reads
-``/proc/self/maps`` and refuses (``UnownedMapping``, before the syscall runs)
+(and the stores by address, see :meth:`Guard.check_write`) for the whole
+session and keeps the set of byte ranges the tests own: what their ``mmap``
+and ``mremap`` calls returned, less what they unmapped or moved away. Before
+a call that changes existing mappings it reads ``/proc/self/maps`` and
+refuses (``UnownedMapping``, before the syscall runs)
 
 * any mapped byte of the target range that the tests do not own, and
 * for munmap, MAP_FIXED and mremap: any *unmapped*, unowned byte at or above
@@ -156,6 +157,18 @@ class Guard:
             self.refused.append(msg)
             raise UnownedMapping(msg)
 
+    def check_write(self, what: str, s: int, length: int) -> None:
+        """Refuse a store to bytes above the floor that the tests do not own: if unmapped
+        now, the allocator may map them before the store lands (no /proc read: stores
+        are many, and a mapped foreign byte is unowned too)."""
+        with self.lock:
+            bad = [(a, b) for a, b in self.owned.minus(s, s + length) if b > ALLOCATOR_FLOOR]
+        if bad:
+            msg = (f"{what} of {s:#x}-{s + length:#x} would store to memory the tests do not "
+                   "own: " + ", ".join(f"{max(a, ALLOCATOR_FLOOR):#x}-{b:#x}" for a, b in bad))
+            self.refused.append(msg)
+            raise UnownedMapping(msg)
+
     def _trespass(self, s: int, e: int, holes: bool) -> list[str]:
         bad = []
         mapped = _mapped(s, e)
@@ -173,9 +186,7 @@ class Guard:
         return bad
 
     def wrap(self, libc: Any) -> None:
-        """Replace libc's memory calls by checked ones (once)."""
-        if getattr(libc, "_mapguard", None) is not None:
-            return
+        """Replace libc's memory calls by checked ones."""
         mmap, munmap, mremap = libc.mmap, libc.munmap, libc.mremap
         mprotect, madvise = libc.mprotect, libc.madvise
 
@@ -222,6 +233,37 @@ class Guard:
         libc.mprotect, libc.madvise = checked("mprotect", mprotect), checked("madvise", madvise)
         libc._mapguard = self
 
+    def wrap_stores(self, libc: Any, access: Any, process: Any) -> None:
+        """Check the stores to real memory by address: ``libc.poke_memory``, the access
+        helper's writes and the bare-memmove fallback of ``NativeTask.write``."""
+        poke, user_write, user_access = libc.poke_memory, access.user_write, access.user_access
+        raw_write = process.raw_write
+
+        def g_poke(addr: int, data: bytes) -> None:
+            self.check_write("poke_memory", addr, len(data))
+            poke(addr, data)
+
+        def g_user_write(addr: int, data: Any) -> None:
+            self.check_write("user_write", addr, len(data))
+            user_write(addr, data)
+
+        def g_raw_write(addr: int, data: Any) -> None:
+            self.check_write("raw_write", addr, len(data))
+            raw_write(addr, data)
+
+        def g_user_access(addr: int, length: int, write: bytes | None = None,
+                          want_data: bool = False) -> Any:
+            if write is not None:
+                self.check_write("user_access", addr, length)
+            return user_access(addr, length, write, want_data)
+
+        for f, orig in ((g_poke, poke), (g_user_write, user_write), (g_raw_write, raw_write),
+                        (g_user_access, user_access)):
+            f.__doc__ = orig.__doc__
+        libc.poke_memory, access.user_write, access.user_access = g_poke, g_user_write, \
+            g_user_access
+        process.raw_write = g_raw_write
+
 
 GUARD = Guard()
 
@@ -229,8 +271,10 @@ GUARD = Guard()
 def install() -> Guard | None:
     """Guard ``vmemu.native.libc`` for this process; None where it does not exist."""
     try:
-        from vmemu.native import libc
+        from vmemu.native import access, libc, process
     except (ImportError, OSError):  # not Linux: no native binding, nothing to guard
         return None
-    GUARD.wrap(libc)
+    if getattr(libc, "_mapguard", None) is None:
+        GUARD.wrap(libc)
+        GUARD.wrap_stores(libc, access, process)
     return GUARD

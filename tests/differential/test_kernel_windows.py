@@ -71,7 +71,9 @@ def test_the_guard_refuses_to_unmap_a_hole_someone_else_filled() -> None:
         # the allocator's mmap: a raw syscall the guard does not see
         other = libc.syscall(linux.SYS_mmap, a, P, rw, anon | MAP_FIXED_NOREPLACE, -1, 0)
         assert other == a
-        libc.poke_memory(a, b"python's")
+        ctypes.memmove(a, b"python's", 8)  # as the interpreter would (unguarded)
+        with pytest.raises(UnownedMapping, match="would store"):
+            libc.poke_memory(a, b"test's")
         with pytest.raises(UnownedMapping, match="belongs to someone else"):
             libc.munmap(a, 2 * P)
         with pytest.raises(UnownedMapping, match="belongs to someone else"):
@@ -79,7 +81,7 @@ def test_the_guard_refuses_to_unmap_a_hole_someone_else_filled() -> None:
         with pytest.raises(UnownedMapping, match="belongs to someone else"):
             libc.madvise(a, P, linux.MADV_DONTNEED)
         assert libc.peek_memory(a, 8) == b"python's"  # nothing was done
-        assert len(GUARD.refused) == before + 4
+        assert len(GUARD.refused) == before + 5
     finally:
         del GUARD.refused[before:]
         libc.syscall(linux.SYS_munmap, a, P)
