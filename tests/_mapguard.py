@@ -214,9 +214,10 @@ class Guard:
                 self.check("mremap (MREMAP_FIXED target)", new_addr, new_len, holes=True)
             ret = mremap(old, old_len, new_len, flags, new_addr)
             with self.lock:
-                if not flags & MREMAP_DONTUNMAP:
-                    self.owned.remove(old + (_pages(new_len) if ret == old else 0),
-                                      old + _pages(old_len))
+                if ret != old and not flags & MREMAP_DONTUNMAP:  # moved: the old range is gone
+                    self.owned.remove(old, old + _pages(old_len))
+                elif ret == old and new_len < old_len:  # shrunk in place: its tail is gone
+                    self.owned.remove(old + _pages(new_len), old + _pages(old_len))
                 self.owned.add(ret, ret + _pages(new_len))
             return ret
 

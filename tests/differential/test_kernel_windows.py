@@ -120,3 +120,32 @@ def test_guard_ranges_match_a_set_of_pages(ops: list[tuple[bool, int, int]], s: 
     starts = [a for a, _ in r.overlaps(0, 100)]
     ends = [b for _, b in r.overlaps(0, 100)]
     assert all(e < s2 for e, s2 in zip(ends[:-1], starts[1:], strict=True))  # merged
+
+
+def test_the_guard_follows_mremap() -> None:
+    """Shrinking in place gives the tail up; growing in place takes the new tail; a move
+    gives the old range up (DONTUNMAP keeps it)."""
+    from _mapguard import GUARD
+
+    from vmemu.native import libc, linux
+
+    rw = linux.PROT_READ | linux.PROT_WRITE
+    anon = linux.MAP_PRIVATE | linux.MAP_ANONYMOUS
+    a = libc.mmap(0, 4 * P, rw, anon)
+    try:
+        assert libc.mremap(a, 4 * P, 2 * P) == a
+        assert GUARD.owned.minus(a, a + 4 * P) == [(a + 2 * P, a + 4 * P)]
+        try:
+            libc.mremap(a, 2 * P, 3 * P)  # in place (no MAYMOVE), when the page after is free
+        except OSError:  # ENOMEM: someone mapped it meanwhile
+            assert GUARD.owned.minus(a, a + 3 * P) == [(a + 2 * P, a + 3 * P)]
+        else:
+            assert GUARD.owned.minus(a, a + 3 * P) == []
+        b = libc.mremap(a, P, P, linux.MREMAP_MAYMOVE | linux.MREMAP_DONTUNMAP)
+        assert GUARD.owned.minus(a, a + P) == [] and GUARD.owned.minus(b, b + P) == []
+        libc.munmap(b, P)
+    finally:
+        got = [(s, e) for s, e in GUARD.owned.overlaps(a, a + 4 * P)]
+        for s, e in got:
+            libc.munmap(max(s, a), min(e, a + 4 * P) - max(s, a))
+    assert GUARD.owned.minus(a, a + 4 * P) == [(a, a + 4 * P)]
