@@ -194,7 +194,7 @@ class Guard:
                    offset: int = 0) -> int:
             page = _page_size(flags, fd)
             if flags & MAP_FIXED and not flags & MAP_FIXED_NOREPLACE and not addr % page:
-                self.check("mmap(MAP_FIXED)", addr, length, holes=True)
+                self.check("mmap(MAP_FIXED)", addr, _pages(length, page), holes=True)
             ret = mmap(addr, length, prot, flags, fd, offset)
             with self.lock:
                 self.owned.add(ret, ret + _pages(length, page))
