@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,40 @@ def test_a_failed_build_reports_the_compiler_error(tmp_path: Path, cache: Path,
 def test_a_missing_source_is_helper_unavailable(tmp_path: Path, cache: Path) -> None:
     with pytest.raises(cbuild.HelperUnavailable, match="missing"):
         cbuild.build(tmp_path / "_nothing.c")
+
+
+MODULE_SOURCE = """#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+static PyObject *answer(PyObject *m, PyObject *unused) { return PyLong_FromLong(42); }
+static PyMethodDef methods[] = {{"answer", answer, METH_NOARGS, NULL}, {NULL}};
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_answermod", NULL, -1, methods};
+PyMODINIT_FUNC PyInit__answermod(void) { return PyModule_Create(&mod); }
+"""
+
+
+def test_an_extension_module_is_built_for_this_interpreter(tmp_path: Path, cache: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    _compiler_or_skip(monkeypatch)
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        pytest.skip("no Python headers on this machine")
+    src = tmp_path / "_answermod.c"
+    src.write_text(MODULE_SOURCE)
+    mod = cbuild.load_module(src)
+    assert mod.answer() == 42
+    built = cbuild.build(src, python=True)
+    assert built.name.endswith(str(sysconfig.get_config_var("EXT_SUFFIX")))  # this ABI only
+    assert cbuild.load_module(src) is mod  # imported once per build
+    src.write_text(MODULE_SOURCE.replace("42", "43"))
+    assert cbuild.load_module(src).answer() == 43  # an edited source is a new build
+
+
+def test_missing_python_headers_are_helper_unavailable(tmp_path: Path, cache: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "_answermod.c"
+    src.write_text(MODULE_SOURCE)
+    real = sysconfig.get_paths
+    monkeypatch.setattr(sysconfig, "get_paths",
+                        lambda *a, **k: {**real(*a, **k), "include": str(tmp_path / "no-include")})
+    with pytest.raises(cbuild.HelperUnavailable, match="no Python headers"):
+        cbuild.load_module(src)
+    assert not cache.exists() or not any(cache.iterdir())

@@ -73,7 +73,7 @@ def test_released_parker_ignores_unparks(new_parker: Callable[[], PipeParker | S
     """A waker that still holds a finished task's parker writes nothing into the pipe,
     which is back in the pool for the next task."""
     p = new_parker()
-    rfd = p.rfd if isinstance(p, PipeParker) else p.s.rfd
+    rfd = p.rfd
     p.release()
     assert any(r == rfd for r, _ in park._PIPE_POOL)
     p.unpark()
