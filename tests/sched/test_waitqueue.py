@@ -206,6 +206,27 @@ def test_wake_between_check_and_sleep_is_not_lost() -> None:
     assert run_sim(main) is True
 
 
+def test_a_wake_up_during_before_sleep_is_neither_slept_on_nor_wasted() -> None:
+    """``before_sleep`` wakes a task that runs at once and wakes this waiter back (a handler
+    thread on the faulting thread's CPU): the waiter returns without scheduling, and the
+    wake-up it got is not counted as a wasted one."""
+
+    def main(rt: SimRuntime) -> tuple[bool, int, WaitQueueStatistics]:
+        wq = WaitQueue(rt, "wq")
+        done = []
+
+        def before_sleep() -> None:  # what the woken handler does before this task goes on
+            done.append(1)
+            wq.wake_up()
+
+        ok = wq.wait_event(lambda: bool(done), reason="handed off", before_sleep=before_sleep)
+        return ok, len(rt.tracer.events("block")), wq.statistics()
+
+    ok, blocks, stats = run_sim(main)
+    assert ok is True and blocks == 0
+    assert (stats.woken_total, stats.wasted_wakeups, stats.waiting) == (1, 0, 0)
+
+
 def test_resolver_runs_on_the_waiting_task() -> None:
     rt = InlineRuntime()
     wq = WaitQueue(rt, "faults")

@@ -187,6 +187,10 @@ class WaitQueue:
                         what = f"{self.name}: {_reason(reason)}"  # the wake-up comes last
                     before_sleep()
                     before_sleep = None
+                    # the task it woke may have run at once (on one CPU it usually does)
+                    # and woken this one in turn: then schedule() would return at once
+                    if entry.woken and condition():
+                        return True
                 if entry.woken:
                     with lock:
                         self._wasted += 1
