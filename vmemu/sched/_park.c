@@ -16,9 +16,10 @@
  * thread and back makes four of them).
  *
  * Protocol (one Parker per task):
- *   unpark() - called with the GIL held: sets the permit; when the task
- *     sleeps in read() on its pipe, writes one byte to wfd (with the GIL
- *     let go of first, so the woken thread does not find it held).
+ *   unpark() - called with the GIL held: sets the permit, and returns
+ *     whether it was not set already; when the task sleeps in read() on
+ *     its pipe, writes one byte to wfd (with the GIL let go of first, so
+ *     the woken thread does not find it held).
  *   park([timeout_s]) - consumes the permit with the GIL released,
  *     spinning up to spin_ns first when the task that will run next is
  *     known to be on another CPU (a task that never parked yet is on no
@@ -206,13 +207,13 @@ static PyObject *Parker_unpark(Parker *p, PyObject *unused)
 	ssize_t r;
 
 	if (p->released)
-		Py_RETURN_NONE;
+		Py_RETURN_FALSE;
 	atomic_store(&p->wake_gen, atomic_load(&parks));
 	if (atomic_exchange(&p->permit, 1))
-		Py_RETURN_NONE;
+		Py_RETURN_FALSE;	/* merged with the pending one */
 	atomic_store(&next_cpu, atomic_load(&p->cpu));
 	if (!atomic_compare_exchange_strong(&p->state, &s, WAKING))
-		Py_RETURN_NONE;
+		Py_RETURN_TRUE;
 	Py_BEGIN_ALLOW_THREADS
 	do
 		r = write(fd, "", 1);
@@ -220,7 +221,7 @@ static PyObject *Parker_unpark(Parker *p, PyObject *unused)
 	Py_END_ALLOW_THREADS
 	if (r < 0)
 		return PyErr_SetFromErrno(PyExc_OSError);
-	Py_RETURN_NONE;
+	Py_RETURN_TRUE;
 }
 
 /* park([timeout_s]) -> True when woken, False when timeout_s passed first. */
@@ -270,7 +271,7 @@ static PyMethodDef Parker_methods[] = {
 	{"clear", (PyCFunction)Parker_clear, METH_NOARGS,
 	 "Forget a pending unpark (no byte is ever left behind in the pipe)."},
 	{"unpark", (PyCFunction)Parker_unpark, METH_NOARGS,
-	 "Give the permit; write the pipe only if the thread is asleep on it."},
+	 "Give the permit (True if none was pending); write the pipe if the thread sleeps on it."},
 	{"park", (PyCFunction)(void (*)(void))Parker_park, METH_FASTCALL,
 	 "Wait for the permit and take it; False when timeout_s passed first."},
 	{NULL}

@@ -93,14 +93,16 @@ class PipeParker:
         if stale:
             os.read(self.rfd, 1)  # written, or about to be: the waker set permit first
 
-    def unpark(self) -> None:
-        """Give the permit; wakes the thread if it is parked."""
+    def unpark(self) -> bool:
+        """Give the permit; wakes the thread if it is parked. False if one was pending
+        already (the two merge) or the parker was released."""
         with self.guard:
-            if self.permit or self.wfd < 0:  # one is pending already, or released
-                return
+            if self.permit or self.wfd < 0:
+                return False
             self.permit = True
             wfd = self.wfd
         os.write(wfd, b"\0")  # lets go of the GIL first, then wakes the sleeper
+        return True
 
     def park(self, timeout_s: float | None = None) -> bool:
         """Wait for the permit and take it; False when ``timeout_s`` passed first."""
@@ -151,7 +153,8 @@ class SpinParker:
     #: Forget a pending unpark (no byte is ever left behind: see ``_park.c``).
     clear: Callable[[], None]
     #: Give the permit; write the pipe (GIL let go of first) only if the thread sleeps on it.
-    unpark: Callable[[], None]
+    #: False if one was pending already (the two merge) or the parker was released.
+    unpark: Callable[[], bool]
     #: ``park(timeout_s=None)``: wait for the permit and take it; False when ``timeout_s``
     #: passed first. A signal's Python handler runs while parked; an untimed park then parks
     #: again, a timed one returns False (its caller recomputes what is left of the deadline).

@@ -29,7 +29,8 @@ class ThreadTask(TaskHandle):
 
     def __init__(self, runtime: ThreadRuntime, *args: Any) -> None:
         super().__init__(runtime, *args)
-        self.guard = threading.Lock()  # orders `woken` between wakers
+        #: the task's binary permit: cleared by prepare_sleep, given by wake_up_process
+        #: (it stands for `woken`, which a thread task leaves alone)
         self.parker = make_parker(runtime.spin_ns)
         #: gives the parker's pipe back to the pool: when the thread ends, or when the
         #: task is collected
@@ -107,10 +108,7 @@ class ThreadRuntime(Runtime):
     # ---- blocking primitives -------------------------------------------------
 
     def prepare_sleep(self, task: TaskHandle) -> None:
-        t: Any = task
-        with t.guard:
-            task.woken = False
-        t.parker.clear()  # forget an earlier wake-up
+        task.parker.clear()  # type: ignore[attr-defined]  # forget an earlier wake-up
 
     def schedule(
         self, reason: str, deadline_ns: int | None = None, queues: tuple[WaitQueue, ...] = ()
@@ -134,12 +132,7 @@ class ThreadRuntime(Runtime):
             task.wait_reason = None
 
     def wake_up_process(self, task: TaskHandle, reason: str = "") -> bool:
-        t: Any = task
-        with t.guard:
-            was_asleep = not task.woken
-            task.woken = True
-        t.parker.unpark()
-        return was_asleep
+        return bool(task.parker.unpark())  # type: ignore[attr-defined]  # True: it was armed
 
     def make_lock(self) -> Any:
         return threading.Lock()
