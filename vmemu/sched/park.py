@@ -169,19 +169,9 @@ class SpinParker:
         self.clear, self.unpark, self.park = c.clear, c.unpark, c.park
 
     @property
-    def spin_ns(self) -> int:
-        """How long a park may spin before it sleeps."""
-        return int(self.c.spin_ns)
-
-    @property
     def rfd(self) -> int:
         """The pipe's read end (where the thread sleeps)."""
         return int(self.c.rfd)
-
-    @property
-    def released(self) -> bool:
-        """Whether :meth:`release` was called."""
-        return bool(self.c.released)
 
     @property
     def spun(self) -> int:
