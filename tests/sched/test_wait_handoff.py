@@ -31,6 +31,25 @@ def test_thread_wake_between_prepare_and_schedule_is_kept() -> None:
     assert time.monotonic() - t0 < 1.0  # returned at once, not after the deadline
 
 
+@pytest.mark.parametrize("spin_ns", [0, 50_000], ids=["pipe", "spin"])
+def test_thread_woken_lasts_until_the_task_arms_again(spin_ns: int) -> None:
+    """`woken` (what the conformance driver's "settled" test reads) is set by the wake-up
+    and stays set while the task consumes it and runs, until its next `prepare_sleep`;
+    and a wake-up after the park consumed the permit is not a first one."""
+    rt = ThreadRuntime(spin_ns=spin_ns)
+    me = rt.current()
+    rt.prepare_sleep(me)
+    assert me.woken is False
+    assert rt.wake_up_process(me) is True and me.woken is True
+    rt.schedule("consumes the permit", rt.deadline_after(5.0))
+    assert me.woken is True
+    assert rt.wake_up_process(me) is False  # woken already since the task armed
+    rt.prepare_sleep(me)
+    assert me.woken is False
+    with pytest.raises(AttributeError, match="parker"):
+        me.woken = True
+
+
 def test_thread_wake_before_prepare_is_forgotten() -> None:
     rt = ThreadRuntime()
     me = rt.current()

@@ -16,10 +16,14 @@
  * thread and back makes four of them).
  *
  * Protocol (one Parker per task):
- *   unpark() - called with the GIL held: sets the permit, and returns
- *     whether it was not set already; when the task sleeps in read() on
+ *   unpark() - called with the GIL held: sets the permit and the woken
+ *     flag, and returns whether the flag was clear (the first wake-up since
+ *     clear(): try_to_wake_up's answer); when the task sleeps in read() on
  *     its pipe, writes one byte to wfd (with the GIL let go of first, so
  *     the woken thread does not find it held).
+ *   clear() - clears both: set_current_state. A park consumes the permit
+ *     but leaves the flag, which tells an observer that a wake-up reached
+ *     the task until it arms itself for its next sleep.
  *   park([timeout_s]) - consumes the permit with the GIL released,
  *     spinning up to spin_ns first when the task that will run next is
  *     known to be on another CPU (a task that never parked yet is on no
@@ -61,6 +65,7 @@ typedef struct {
 	int rfd;
 	int wfd;
 	_Atomic int cpu;	/* where the task last ran: where it will run when woken */
+	_Atomic int woken;	/* unparked since the last clear() (a park does not reset it) */
 	int released;		/* set by the owner's release(): unparks do nothing */
 	long spin_ns;
 	_Atomic long spun;	/* statistics: wake-ups taken while spinning */
@@ -197,31 +202,33 @@ static int Parker_init(Parker *p, PyObject *args, PyObject *kw)
 
 static PyObject *Parker_clear(Parker *p, PyObject *unused)
 {
+	atomic_store(&p->woken, 0);
 	atomic_store(&p->permit, 0);
 	Py_RETURN_NONE;
 }
 
 static PyObject *Parker_unpark(Parker *p, PyObject *unused)
 {
-	int s = SLEEPING, fd = p->wfd;
+	int s = SLEEPING, fd = p->wfd, fresh;
 	ssize_t r;
 
 	if (p->released)
 		Py_RETURN_FALSE;
 	atomic_store(&p->wake_gen, atomic_load(&parks));
+	fresh = !atomic_exchange(&p->woken, 1);
 	if (atomic_exchange(&p->permit, 1))
 		Py_RETURN_FALSE;	/* merged with the pending one */
 	atomic_store(&next_cpu, atomic_load(&p->cpu));
-	if (!atomic_compare_exchange_strong(&p->state, &s, WAKING))
-		Py_RETURN_TRUE;
-	Py_BEGIN_ALLOW_THREADS
-	do
-		r = write(fd, "", 1);
-	while (r < 0 && errno == EINTR);
-	Py_END_ALLOW_THREADS
-	if (r < 0)
-		return PyErr_SetFromErrno(PyExc_OSError);
-	Py_RETURN_TRUE;
+	if (atomic_compare_exchange_strong(&p->state, &s, WAKING)) {
+		Py_BEGIN_ALLOW_THREADS
+		do
+			r = write(fd, "", 1);
+		while (r < 0 && errno == EINTR);
+		Py_END_ALLOW_THREADS
+		if (r < 0)
+			return PyErr_SetFromErrno(PyExc_OSError);
+	}
+	return PyBool_FromLong(fresh);
 }
 
 /* park([timeout_s]) -> True when woken, False when timeout_s passed first. */
@@ -269,9 +276,9 @@ static PyObject *Parker_park(Parker *p, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef Parker_methods[] = {
 	{"clear", (PyCFunction)Parker_clear, METH_NOARGS,
-	 "Forget a pending unpark (no byte is ever left behind in the pipe)."},
+	 "Forget a pending unpark and the woken flag (no byte is ever left behind in the pipe)."},
 	{"unpark", (PyCFunction)Parker_unpark, METH_NOARGS,
-	 "Give the permit (True if none was pending); write the pipe if the thread sleeps on it."},
+	 "Give the permit; True if the first since clear(); write the pipe if the thread sleeps on it."},
 	{"park", (PyCFunction)(void (*)(void))Parker_park, METH_FASTCALL,
 	 "Wait for the permit and take it; False when timeout_s passed first."},
 	{NULL}
@@ -280,6 +287,7 @@ static PyMethodDef Parker_methods[] = {
 static PyMemberDef Parker_members[] = {
 	{"rfd", T_INT, offsetof(Parker, rfd), READONLY, "the pipe's read end"},
 	{"wfd", T_INT, offsetof(Parker, wfd), READONLY, "the pipe's write end"},
+	{"woken", T_INT, offsetof(Parker, woken), READONLY, "nonzero: unparked since the last clear()"},
 	{"released", T_INT, offsetof(Parker, released), 0, "nonzero: unparks do nothing"},
 	{"spin_ns", T_LONG, offsetof(Parker, spin_ns), 0, "how long a park may spin"},
 	{"spun", T_LONG, offsetof(Parker, spun), READONLY, "parks that ended while spinning"},

@@ -83,26 +83,33 @@ class PipeParker:
     def __init__(self) -> None:
         self.guard = threading.Lock()
         self.permit = False  # a byte is in the pipe, or on its way
+        self.woken = False  # unparked since the last clear() (a park does not reset it)
         self.rfd, self.wfd = _take_pipe()
 
     def clear(self) -> None:
-        """Forget a pending unpark (``set_current_state``: only wake-ups from now on count)."""
+        """Forget a pending unpark and the woken flag (``set_current_state``: only
+        wake-ups from now on count)."""
         with self.guard:
             stale = self.permit
-            self.permit = False
+            self.permit = self.woken = False
         if stale:
             os.read(self.rfd, 1)  # written, or about to be: the waker set permit first
 
     def unpark(self) -> bool:
-        """Give the permit; wakes the thread if it is parked. False if one was pending
-        already (the two merge) or the parker was released."""
+        """Give the permit; wakes the thread if it is parked. True if it is the first
+        unpark since :meth:`clear` (``try_to_wake_up``'s answer); False after
+        :meth:`release`."""
         with self.guard:
-            if self.permit or self.wfd < 0:
+            if self.wfd < 0:
+                return False
+            fresh = not self.woken
+            self.woken = True
+            if self.permit:  # one is pending already: the two merge
                 return False
             self.permit = True
             wfd = self.wfd
         os.write(wfd, b"\0")  # lets go of the GIL first, then wakes the sleeper
-        return True
+        return fresh
 
     def park(self, timeout_s: float | None = None) -> bool:
         """Wait for the permit and take it; False when ``timeout_s`` passed first."""
@@ -150,10 +157,11 @@ class SpinParker:
     """
 
     kind = "spin"
-    #: Forget a pending unpark (no byte is ever left behind: see ``_park.c``).
+    #: Forget a pending unpark and the woken flag (no byte is ever left behind: see
+    #: ``_park.c``).
     clear: Callable[[], None]
     #: Give the permit; write the pipe (GIL let go of first) only if the thread sleeps on it.
-    #: False if one was pending already (the two merge) or the parker was released.
+    #: True if it is the first unpark since :meth:`clear`; False after :meth:`release`.
     unpark: Callable[[], bool]
     #: ``park(timeout_s=None)``: wait for the permit and take it; False when ``timeout_s``
     #: passed first. A signal's Python handler runs while parked; an untimed park then parks
@@ -172,6 +180,11 @@ class SpinParker:
     def rfd(self) -> int:
         """The pipe's read end (where the thread sleeps)."""
         return int(self.c.rfd)
+
+    @property
+    def woken(self) -> bool:
+        """Unparked since the last :meth:`clear` (a park does not reset it)."""
+        return bool(self.c.woken)
 
     @property
     def spun(self) -> int:

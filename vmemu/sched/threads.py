@@ -29,13 +29,26 @@ class ThreadTask(TaskHandle):
 
     def __init__(self, runtime: ThreadRuntime, *args: Any) -> None:
         super().__init__(runtime, *args)
-        #: the task's binary permit: cleared by prepare_sleep, given by wake_up_process
-        #: (it stands for `woken`, which a thread task leaves alone)
+        #: the task's binary permit and its `woken` flag: cleared by prepare_sleep, given
+        #: by wake_up_process
         self.parker = make_parker(runtime.spin_ns)
         #: gives the parker's pipe back to the pool: when the thread ends, or when the
         #: task is collected
         self.release_parker = weakref.finalize(self, self.parker.release)
         self.thread: threading.Thread | None = None
+
+    @property
+    def woken(self) -> bool:
+        """A wake-up reached the task since it last armed itself: kept by its parker,
+        set with the permit, so that waking takes no lock of its own."""
+        parker = self.__dict__.get("parker")
+        return parker is not None and bool(parker.woken)
+
+    @woken.setter
+    def woken(self, value: bool) -> None:
+        if value or "parker" in self.__dict__:  # TaskHandle.__init__ sets False, before it
+            raise AttributeError("a thread task's woken flag is its parker's: "
+                                 "wake_up_process sets it, prepare_sleep clears it")
 
 
 class ThreadRuntime(Runtime):
