@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -179,3 +180,19 @@ def test_runtime_spin_setting_picks_the_parker() -> None:
     expected = PipeParker if spin_unavailable_reason() else SpinParker
     assert isinstance(ThreadRuntime().current().parker, expected)  # type: ignore[attr-defined]
     assert isinstance(make_parker(0), PipeParker)
+
+
+def test_the_c_parker_reports_a_broken_pipe_and_bad_arguments() -> None:
+    """A park whose pipe cannot be read raises the read's errno (nothing to wait for);
+    a timed park on it times out (poll skips a negative fd); a second argument is refused."""
+    _spin()  # skips without the C helper
+    helper = park._load()
+    p = helper.Parker(-1, -1, 0)
+    with pytest.raises(OSError) as e:
+        p.park()
+    assert e.value.errno == errno.EBADF
+    assert p.park(0.01) is False
+    with pytest.raises(TypeError, match="at most one argument"):
+        p.park(1.0, 2.0)
+    with pytest.raises(TypeError):
+        p.park("soon")
